@@ -1,0 +1,295 @@
+"""The ``fleetdns`` command line: options, help texts with examples, and calls into the modules that do the work.
+
+Every command ends through :func:`main`: a :class:`~fleet.errors.FleetError` becomes one line on stderr and the
+exit code of its class (``fleet/errors.py``, ``docs/exit-codes.md``); data goes to stdout, progress and errors to
+stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from fleet.errors import ExitCode, FleetError, HostsFailed, NotImplementedYet
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="fleetdns", prog_name="fleetdns")
+def cli() -> None:
+    """Which process on which host resolves which DNS name — across a fleet.
+
+    \b
+    Stages, each reading what the one before wrote:
+      fleetdns deploy INVENTORY        install the probe on every host (Ansible)
+      fleetdns capture --duration 10m  record lookups on every host at once
+      fleetdns gather [RUN]            pull each host's capture into reports/RUN/
+      fleetdns report [RUN] --csv      one merged cross-host report
+      fleetdns check --absent old-db   did a change take effect everywhere?
+    \b
+    Try it on a local fleet of real SSH hosts:
+      fleetdns lab up --hosts 3 && fleetdns lab ping && fleetdns lab down
+
+    Exit codes: 0 ok, 1 some hosts failed, 2 usage, 3 bad input, 4 environment, 5 lab failed, 70 internal error,
+    130 interrupted (docs/exit-codes.md).
+    """
+
+
+# ---- not implemented yet ---------------------------------------------------------------------------------------
+
+
+def pending(name: str, help_text: str) -> None:
+    """Register *name* as a command that exists in the interface but is not built yet (exit 2)."""
+
+    @cli.command(name, help=help_text, context_settings={**CONTEXT, "ignore_unknown_options": True})
+    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
+    def command(args: tuple[str, ...]) -> None:
+        raise NotImplementedYet(name)
+
+
+pending("deploy", """Install the probe and its tools on every host of INVENTORY (Ansible playbooks).
+
+\b
+Examples:
+  fleetdns deploy inventory/prod.ini
+  fleetdns deploy inventory/ --limit 'web*' --check""")
+pending("capture", """Record DNS lookups on every host at once, for a fixed duration.
+
+\b
+Examples:
+  fleetdns capture --duration 10m
+  fleetdns capture -i inventory/prod.ini --duration 1h30m --detach""")
+pending("gather", """Pull every host's capture of RUN into the local run store (resumable).
+
+\b
+Examples:
+  fleetdns gather
+  fleetdns gather 20261125T213000Z --now""")
+pending("runs", """List the runs in the local run store, newest first.
+
+\b
+Example:
+  fleetdns runs""")
+pending("report", """Merge every host's capture of RUN into one report: table, CSV, JSON, Parquet or HTML.
+
+\b
+Examples:
+  fleetdns report --csv
+  fleetdns report 20261125T213000Z --by name --failed""")
+pending("diff", """What appeared, disappeared or changed between two runs (before and after a change).
+
+\b
+Example:
+  fleetdns diff 20261124T090000Z 20261125T090000Z""")
+pending("check", """Verify a change: exit 0 when no host resolved an --absent name, 1 when one did.
+
+\b
+Example:
+  fleetdns check --absent 'old-db.*' --present new-db.example.com""")
+
+
+# ---- lab --------------------------------------------------------------------------------------------------------
+
+
+@cli.group(context_settings=CONTEXT)
+def lab() -> None:
+    """A local fleet of real SSH hosts on this machine: the demo, and what the tests run against (root).
+
+    \b
+    Each host lab1…labN has its own network, mount, UTS and pid namespace, sshd and host key, /root,
+    /etc/hosts, resolv.conf (pointing at the lab's DNS server) and a private copy of libc.
+    State lives in .lab/ and the inventory in inventory/lab.ini, under $FLEETDNS_HOME (default: here).
+    \b
+    Examples:
+      fleetdns lab up --hosts 5
+      ansible -i "$(fleetdns lab inventory)" all -m ping
+      fleetdns lab exec lab2 -- getent hosts db.lab
+      fleetdns lab down
+    """
+
+
+@lab.command("up", context_settings=CONTEXT)
+@click.option("--hosts", "hosts", type=int, default=3, show_default=True, help="Number of hosts (1–200).")
+@click.option(
+    "--mode",
+    type=click.Choice(["overlay", "bind"]),
+    default="overlay",
+    show_default=True,
+    help="overlay: each host's / is a copy-on-write overlay of this machine's; bind: the machine's own / with "
+    "only the host's private paths bound over it.",
+)
+def lab_up(hosts: int, mode: str) -> None:
+    """Bring the lab fleet up (idempotent: an identical running lab is left alone; leftovers are cleaned first).
+
+    \b
+    Examples:
+      fleetdns lab up
+      fleetdns lab up --hosts 50 --mode bind
+    """
+    import time
+
+    from fleet.lab import lifecycle
+
+    started = time.monotonic()
+    built, changed = lifecycle.up(hosts, mode)
+    verb = "up" if changed else "already up"
+    err.print(
+        f"lab {verb}: {built.hosts} hosts ({built.mode}) on {built.layout.network} "
+        f"in {time.monotonic() - started:.2f}s; inventory {built.layout.inventory}"
+    )
+
+
+@lab.command("down", context_settings=CONTEXT)
+def lab_down() -> None:
+    """Stop every host and remove the lab: namespaces, links, cgroups, mounts, state and inventory.
+
+    \b
+    Example:
+      fleetdns lab down
+    """
+    from fleet.lab import lifecycle
+
+    err.print("lab down" if lifecycle.down() else "no lab was up")
+
+
+@lab.command("status", context_settings=CONTEXT)
+def lab_status() -> None:
+    """Show each host: address, init pid, network, sshd, and whether SSH answers.
+
+    \b
+    Example:
+      fleetdns lab status
+    """
+    from fleet.lab import control, lifecycle
+
+    current = lifecycle.load()
+    table = Table("host", "address", "init pid", "network", "sshd", "ssh answers")
+    rows = control.status(current)
+    for row in rows:
+        table.add_row(row.name, row.address, str(row.init_pid or "-"), row.network, row.sshd,
+                      "yes" if row.ssh_answers else "no")
+    out.print(table)
+    down = [row.name for row in rows if row.init_pid is None]
+    if down:
+        raise HostsFailed(f"hosts not running: {', '.join(down)}")
+
+
+@lab.command("inventory", context_settings=CONTEXT)
+def lab_inventory() -> None:
+    """Print the path of the lab's Ansible inventory.
+
+    \b
+    Example:
+      ansible -i "$(fleetdns lab inventory)" all -m ping
+    """
+    from fleet.lab import lifecycle
+
+    click.echo(lifecycle.load().layout.inventory)
+
+
+@lab.command("exec", context_settings={**CONTEXT, "ignore_unknown_options": True})
+@click.argument("host")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def lab_exec(host: str, command: tuple[str, ...]) -> int:
+    """Run COMMAND as a process inside HOST (works while its network or sshd is down); exits with its status.
+
+    \b
+    Examples:
+      fleetdns lab exec lab1 -- getent ahosts db.lab
+      fleetdns lab exec lab3 -- ps -ef
+    """
+    from fleet.lab import control, lifecycle
+
+    return control.exec_in(lifecycle.load(), host, command).returncode
+
+
+@lab.command("net", context_settings=CONTEXT)
+@click.argument("host")
+@click.argument("state", type=click.Choice(["down", "up"]))
+def lab_net(host: str, state: str) -> None:
+    """Cut (down) or restore (up) HOST's network, like pulling its cable; its processes keep running.
+
+    \b
+    Example:
+      fleetdns lab net lab2 down
+    """
+    from fleet.lab import control, lifecycle
+
+    control.set_network(lifecycle.load(), host, state == "up")
+    err.print(f"{host}: network {state}")
+
+
+@lab.command("sshd", context_settings=CONTEXT)
+@click.argument("host")
+@click.argument("action", type=click.Choice(["stop", "start"]))
+def lab_sshd(host: str, action: str) -> None:
+    """Stop or start HOST's listening sshd; open sessions and other processes are left alone.
+
+    \b
+    Example:
+      fleetdns lab sshd lab2 stop
+    """
+    from fleet.lab import control, lifecycle
+
+    control.set_sshd(lifecycle.load(), host, action == "start")
+    err.print(f"{host}: sshd {'started' if action == 'start' else 'stopped'}")
+
+
+@lab.command("ping", context_settings=CONTEXT)
+def lab_ping() -> None:
+    """Run Ansible's ping module on every lab host through ansible-runner; exit 1 if any host fails.
+
+    \b
+    Example:
+      fleetdns lab ping
+    """
+    from fleet import ansible
+    from fleet.lab import lifecycle
+
+    current = lifecycle.load()
+    result = ansible.run_module(current.layout.inventory, "ping", data_dir=current.layout.state / "ansible")
+    table = Table("host", "result", "message")
+    for host in current.names():
+        r = result.hosts.get(host, ansible.HostResult(host, "unreachable", "no result from Ansible"))
+        table.add_row(host, "pong" if not r.failed else r.status, r.message)
+    out.print(table)
+    failed = [host for host in current.names() if host not in result.hosts or result.hosts[host].failed]
+    if failed:
+        raise HostsFailed(f"{len(failed)} of {current.hosts} hosts failed: {', '.join(failed)}")
+
+
+# ---- the one funnel -------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; every outcome becomes an exit code from :class:`~fleet.errors.ExitCode`."""
+    try:
+        result = cli.main(args=argv, prog_name="fleetdns", standalone_mode=False)
+        code = result if isinstance(result, int) else ExitCode.OK
+    except FleetError as exc:
+        err.print(f"fleetdns: error: {exc}", markup=False)
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        err.print("fleetdns: interrupted", markup=False)
+        code = ExitCode.INTERRUPTED
+    except click.ClickException as exc:
+        exc.show()
+        code = ExitCode.USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+    except KeyboardInterrupt:
+        err.print("fleetdns: interrupted", markup=False)
+        code = ExitCode.INTERRUPTED
+    except Exception as exc:  # a bug: one line, the traceback only on request
+        if os.environ.get("FLEETDNS_DEBUG"):
+            raise
+        err.print(f"fleetdns: internal error: {type(exc).__name__}: {exc} (FLEETDNS_DEBUG=1 shows the traceback)",
+                  markup=False)
+        code = ExitCode.INTERNAL
+    sys.exit(int(code))
