@@ -8,6 +8,7 @@ gets a unique ``ident``; its artifacts stay under ``DATA_DIR/artifacts/IDENT/`` 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -48,8 +49,10 @@ def environment() -> dict[str, str]:
     return {"PATH": f"{bindir}:{os.environ.get('PATH', os.defpath)}", "ANSIBLE_HOST_KEY_CHECKING": "True"}
 
 
-def run_module(inventory: Path, module: str, *, data_dir: Path, args: str = "", pattern: str = "all") -> AnsibleRun:
-    """Run one Ansible *module* on the hosts of *inventory* matching *pattern*."""
+def run_module(inventory: Path, module: str, *, data_dir: Path, args: str = "", pattern: str = "all",
+               env: dict[str, str] | None = None) -> AnsibleRun:
+    """Run one Ansible *module* on the hosts of *inventory* matching *pattern*; *env* adds environment variables
+    (``ANSIBLE_*`` settings) for this run."""
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     ident = uuid.uuid4().hex
     runner = ansible_runner.run(
@@ -59,10 +62,19 @@ def run_module(inventory: Path, module: str, *, data_dir: Path, args: str = "", 
         host_pattern=pattern,
         module=module,
         module_args=args or None,
-        envvars=environment(),
+        envvars={**environment(), **(env or {})},
         quiet=True,
     )
     return AnsibleRun(ident, data_dir / "artifacts" / ident, runner.rc, host_results(runner))
+
+
+def one_line(message: str, limit: int = 300) -> str:
+    """A multi-line Ansible/ssh message as one line: its first and last lines, without ssh's ``@@@`` banners.
+
+    ssh puts the reason last ("Host key verification failed."), Ansible puts the context first."""
+    lines = [line.strip() for line in re.sub(r"@{3,}", "", message).splitlines() if line.strip()]
+    text = lines[0] if len(lines) <= 1 else f"{lines[0]} … {lines[-1]}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def host_results(runner) -> dict[str, HostResult]:
@@ -72,7 +84,7 @@ def host_results(runner) -> dict[str, HostResult]:
         if event.get("event") in ("runner_on_failed", "runner_on_unreachable"):
             data = event.get("event_data", {})
             res = data.get("res", {})
-            messages[data.get("host")] = str(res.get("msg") or res.get("stderr") or res)[:300]
+            messages[data.get("host")] = one_line(str(res.get("msg") or res.get("stderr") or res))
     stats = runner.stats or {}
     key_of = {"unreachable": "dark", "failed": "failures", "changed": "changed", "ok": "ok", "skipped": "skipped"}
     results = {}

@@ -28,9 +28,8 @@ PACKAGES = {
 
 
 def require(program: str) -> str:
-    """Absolute path of *program* on PATH (also searching the sbin dirs), or :class:`MissingProgram`."""
-    path = os.environ.get("PATH", os.defpath)
-    found = shutil.which(program, path=path) or shutil.which(program, path=f"{path}:/usr/sbin:/sbin")
+    """Absolute path of *program* on PATH, or :class:`MissingProgram`."""
+    found = shutil.which(program)
     if not found:
         raise MissingProgram(program, PACKAGES.get(program, program))
     return found

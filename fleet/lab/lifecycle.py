@@ -112,15 +112,18 @@ def load(home: Path | None = None) -> Lab:
     except FileNotFoundError:
         raise LabError(f"no lab is up in {home}", hint="fleetdns lab up") from None
     except (OSError, ValueError) as exc:
-        raise LabError(f"cannot read {path}: {exc}") from exc
-    return Lab(
-        layout=Layout(home, data["subnet_octet"]),
-        hosts=data["hosts"],
-        mode=data["mode"],
-        cgroup2_root=Path(data["cgroup2_root"]),
-        libc=data["libc"],
-        shim=data["shim"],
-    )
+        raise LabError(f"cannot read {path}: {exc}", hint="fleetdns lab down") from exc
+    try:
+        return Lab(
+            layout=Layout(home, int(data["subnet_octet"])),
+            hosts=int(data["hosts"]),
+            mode=data["mode"],
+            cgroup2_root=Path(data["cgroup2_root"]),
+            libc=data["libc"],
+            shim=data["shim"],
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LabError(f"{path} is damaged ({type(exc).__name__}: {exc})", hint="fleetdns lab down") from exc
 
 
 # ---- checks ---------------------------------------------------------------------------------------------------
@@ -364,20 +367,48 @@ def remove_network(tag: str) -> bool:
 # ---- cgroups --------------------------------------------------------------------------------------------------
 
 
-def kill_cgroup(cgroup: Path, timeout: float = 10.0) -> None:
-    """Kill every process in *cgroup* and below, wait until it is empty, and remove it."""
-    if not cgroup.exists():
-        return
-    (cgroup / "cgroup.kill").write_text("1")
+def kill_cgroups(cgroups: list[Path], timeout: float = 10.0) -> None:
+    """Kill every process in *cgroups* (and below) and wait until all of them are empty."""
+    cgroups = [c for c in cgroups if c.exists()]
+    for cgroup in cgroups:
+        (cgroup / "cgroup.kill").write_text("1")
     deadline = time.monotonic() + timeout
-    # cgroup.procs of a populated tree can look empty; cgroup.events says when the whole subtree is.
-    while "populated 1" in (cgroup / "cgroup.events").read_text():
-        if time.monotonic() > deadline:
-            raise LabError(f"processes in {cgroup} did not end within {timeout:.0f}s")
+    for cgroup in cgroups:
+        # cgroup.procs of a populated tree can look empty; cgroup.events says when the whole subtree is.
+        while "populated 1" in (cgroup / "cgroup.events").read_text():
+            if time.monotonic() > deadline:
+                raise LabError(f"processes in {cgroup} did not end within {timeout:.0f}s")
+            time.sleep(0.02)
+
+
+def wait_reaped(pid: int, timeout: float = 5.0) -> None:
+    """Wait until process *pid* has reaped all its children (dead ones linger as zombies until it does)."""
+    deadline = time.monotonic() + timeout
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    while time.monotonic() < deadline:
+        try:
+            if not children.read_text().strip():
+                return
+        except OSError:  # it has ended itself
+            return
         time.sleep(0.02)
-    for child in sorted(cgroup.glob("*/"), reverse=True):
-        child.rmdir()
-    cgroup.rmdir()
+
+
+def remove_cgroups(top: Path) -> None:
+    """Stop the lab's processes and remove its cgroups: hosts and DNS server first, while the supervisor still
+    reaps them, then the supervisor itself (whose own exit the machine's init reaps)."""
+    if not top.exists():
+        return
+    supervisor = top / "supervisor"
+    pids = supervisor.joinpath("cgroup.procs").read_text().split() if supervisor.exists() else []
+    kill_cgroups([child for child in top.iterdir() if child.is_dir() and child != supervisor])
+    for pid in pids:
+        wait_reaped(int(pid))
+    kill_cgroups([top])
+    for child in top.iterdir():
+        if child.is_dir():
+            child.rmdir()
+    top.rmdir()
 
 
 # ---- up / down ------------------------------------------------------------------------------------------------
@@ -509,7 +540,7 @@ def down(home: Path | None = None) -> bool:
     found = False
     cgroup = layout.cgroup(cgroup2_root())
     if cgroup.exists():
-        kill_cgroup(cgroup)  # hosts, DNS server, supervisor, and anything `lab exec` started
+        remove_cgroups(cgroup)  # hosts, DNS server, supervisor, and anything `lab exec` started
         found = True
     if layout.cow.is_mount():
         run(["umount", "--lazy", str(layout.cow)])
