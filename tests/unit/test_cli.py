@@ -72,7 +72,8 @@ def test_lab_up_needs_root(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["lab", "up"])
     assert exit_info.value.code == ExitCode.ENVIRONMENT
-    assert capsys.readouterr().err.strip() == "fleetdns: error: fleetdns lab needs root (run it as root, e.g. with sudo)"
+    expected = "fleetdns: error: fleetdns lab needs root (run it as root, e.g. with sudo)"
+    assert capsys.readouterr().err.strip() == expected
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the missing-program check comes after the root check")
