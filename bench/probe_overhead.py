@@ -1,0 +1,200 @@
+"""Probe overhead: lookup rate of a C getaddrinfo() loop with and without the probe, and events-mode loss.
+
+Usage (root, bpftrace, gcc; a few minutes)::
+
+    .venv/bin/python bench/probe_overhead.py [--seconds 5] [--rounds 3] [--name localhost] [--json out.json]
+
+Part 1, rate ratio: the loop runs ``--seconds`` bare, under bpftrace with the probe's hooks and empty bodies
+(the floor), under the summary-mode probe and under the events-mode probe, interleaved for ``--rounds`` rounds (so drifting background load hits every configuration alike);
+the ratio is the median probed rate over the median bare rate of the same run.
+Part 2, events-mode loss: the loop paced at fixed rates, alone in a cgroup the probe filters on, so
+``recorded + lost`` must equal the loop's own count exactly.
+
+Every lookup runs in a private mount namespace whose nsswitch.conf says ``hosts: files``: no query leaves
+this machine. ``--nsswitch`` keeps the machine's own (use it inside a lab host to loop on a lab-DNS name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fleet.capture_format import parse_capture  # noqa: E402
+from fleet.probes import render, runner  # noqa: E402
+
+LOOP_C = r"""
+#include <netdb.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sys/socket.h>
+/* gai_bench NAME SECONDS [RATE]: getaddrinfo(NAME, AF_INET) for SECONDS, paced at RATE/s if given;
+   prints "lookups seconds rate" */
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+int main(int argc, char **argv) {
+  double secs = atof(argv[2]), rate = argc > 3 ? atof(argv[3]) : 0, t0 = now(), el = 0;
+  struct addrinfo hints, *res;
+  memset(&hints, 0, sizeof hints);
+  hints.ai_family = AF_INET;
+  long n = 0;
+  while (el < secs) {
+    for (int i = 0; i < 64; i++, n++)
+      if (getaddrinfo(argv[1], NULL, &hints, &res) == 0) freeaddrinfo(res);
+    el = now() - t0;
+    if (rate > 0 && n / rate > el) {
+      struct timespec d = { 0, (long)((n / rate - el) * 1e9) };
+      nanosleep(&d, NULL);
+      el = now() - t0;
+    }
+  }
+  printf("%ld %.6f %.1f\n", n, el, n / el);
+  return 0;
+}
+"""
+
+
+def build(tmp: Path) -> str:
+    (tmp / "gai_bench.c").write_text(LOOP_C)
+    subprocess.run(["gcc", "-O2", "-o", str(tmp / "gai_bench"), str(tmp / "gai_bench.c")], check=True)
+    return str(tmp / "gai_bench")
+
+
+def prefix(tmp: Path, keep_nsswitch: bool, cgroup: Path | None = None) -> list[str]:
+    """Command prefix: files-only hosts lookups (unless kept) and, optionally, joining a cgroup first."""
+    steps = []
+    if not keep_nsswitch:
+        (tmp / "nsswitch.conf").write_text("hosts: files\n")
+        steps.append(f"mount --bind {tmp / 'nsswitch.conf'} /etc/nsswitch.conf")
+    if cgroup is not None:
+        steps.append(f"echo $$ > {cgroup}/cgroup.procs")
+    return ["unshare", "-m", "sh", "-c", " && ".join(steps + ['exec "$@"']), "sh"]
+
+
+def loop(cmd: list[str], name: str, seconds: float, rate: float = 0) -> tuple[int, float]:
+    out = subprocess.run([*cmd, name, str(seconds), str(rate)], capture_output=True, text=True, check=True)
+    count, _elapsed, per_s = out.stdout.split()
+    return int(count), float(per_s)
+
+
+class Running:
+    """A probe capture in a background thread (started attached; :meth:`finish` stops and parses it)."""
+
+    def __init__(self, opts: render.ProbeOptions, path: Path) -> None:
+        self.stop, self.ready, self.path, self.error = threading.Event(), threading.Event(), path, None
+        self.thread = threading.Thread(target=self._run, args=(opts,), daemon=True)
+        self.thread.start()
+        self.ready.wait(180)
+        if self.error:
+            raise self.error
+
+    def _run(self, opts):
+        try:
+            runner.run_probe(opts, str(self.path), ready_callback=self.ready.set, stop=self.stop)
+        except Exception as e:  # re-raised in the main thread
+            self.error = e
+            self.ready.set()
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(180)
+        return parse_capture(self.path)
+
+
+class HooksOnly:
+    """bpftrace with the probe's uprobes and uretprobes and empty bodies: the floor any probe pays."""
+
+    def __init__(self) -> None:
+        libc = render.find_libc()
+        points = ",".join(f"{kind}:{libc}:{f.symbol}" for f in render.FUNCTIONS for kind in ("uprobe", "uretprobe"))
+        self.proc = subprocess.Popen(["bpftrace", "-B", "line", "-e", f"BEGIN {{ printf(\"B\\n\"); }} {points} {{ }}"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+        while self.proc.stdout.readline() not in (b"B\n", b""):
+            pass
+
+    def finish(self) -> int:
+        self.proc.send_signal(2)
+        self.proc.communicate(timeout=60)
+        return 0
+
+
+def rate_ratio(args, tmp: Path, bench: str) -> list[dict]:
+    cmd = [*prefix(tmp, args.nsswitch), bench]
+    configs = ["bare", "hooks-only", "summary", "events"]
+    rates: dict[str, list[float]] = {c: [] for c in configs}
+    lost: dict[str, int] = {c: 0 for c in configs}
+    for r in range(args.rounds):
+        for config in configs:
+            probe = None
+            if config == "hooks-only":
+                probe = HooksOnly()
+            elif config != "bare":
+                probe = Running(render.ProbeOptions(mode=config), tmp / f"{config}-{r}.capture")
+            _count, per_s = loop(cmd, args.name, args.seconds)
+            if isinstance(probe, Running):
+                lost[config] += probe.finish().lost
+            elif probe is not None:
+                probe.finish()
+            rates[config].append(per_s)
+            print(f"round {r} {config:8} {per_s:12.0f} lookups/s", file=sys.stderr)
+    bare = statistics.median(rates["bare"])
+    return [{"backend": "bpftrace" if c != "bare" else "-", "mode": c, "name": args.name,
+             "median_rate": round(statistics.median(rates[c])), "rates": [round(x) for x in rates[c]],
+             "ratio": round(statistics.median(rates[c]) / bare, 3), "lost": lost[c]} for c in configs]
+
+
+def events_loss(args, tmp: Path, bench: str) -> list[dict]:
+    base = Path("/sys/fs/cgroup/unified")
+    if not (base / "cgroup.procs").exists():
+        base = Path("/sys/fs/cgroup")
+    group = base / f"fleetdns-bench-{os.getpid()}"
+    group.mkdir()
+    rows = []
+    try:
+        cmd = [*prefix(tmp, args.nsswitch, group), bench]
+        for rate in args.rates:
+            probe = Running(render.ProbeOptions(mode="events", cgroup=str(group)), tmp / f"loss-{rate}.capture")
+            count, per_s = loop(cmd, args.name, args.seconds, rate)
+            cap = probe.finish()
+            rows.append({"target_rate": rate, "achieved_rate": round(per_s), "lookups": count,
+                         "recorded": len(cap.events), "lost": cap.lost,
+                         "exact": len(cap.events) + cap.lost == count})
+            print(f"events at {rate}/s: {rows[-1]}", file=sys.stderr)
+    finally:
+        group.rmdir()
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seconds", type=float, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--name", default="localhost")
+    p.add_argument("--rates", type=int, nargs="*", default=[10_000, 25_000, 50_000, 100_000])
+    p.add_argument("--nsswitch", action="store_true", help="keep this machine's nsswitch.conf (lab hosts)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    runner.check_environment(render.ProbeOptions())
+    with tempfile.TemporaryDirectory(prefix="fleetdns-bench-") as t:
+        tmp = Path(t)
+        bench = build(tmp)
+        result = {"rate_ratio": rate_ratio(args, tmp, bench), "events_loss": events_loss(args, tmp, bench),
+                  "cpus": os.cpu_count(), "seconds": args.seconds, "rounds": args.rounds}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

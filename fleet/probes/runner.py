@@ -1,0 +1,343 @@
+"""Run the DNS probe on this machine and write a capture file (docs/capture-format.md).
+
+API (what ``fleetdns probe`` and the host-side runner call)::
+
+    from fleet.probes.render import ProbeOptions
+    from fleet.probes.runner import run_probe, check_environment
+
+    trailer: dict = run_probe(ProbeOptions(backend="bpftrace", mode="events"), "out.capture",
+                              duration=10.0, table_callback=None, ready_callback=None)
+
+* ``output``: a path, ``"-"`` (stdout) or a binary file object. The header is written before the backend
+  starts, records as they come, the trailer last — also on Ctrl-C / SIGTERM / the duration running out /
+  the backend dying.
+* ``duration``: seconds from the moment the probes are attached (None: until SIGINT/SIGTERM).
+* ``table_callback(row)``: events mode only; called per lookup with a dict: ``time`` (UTC datetime),
+  ``pid``, ``tid``, ``uid``, ``comm``, ``function``, ``name`` (display text), ``result``, ``latency_ns``.
+* ``ready_callback()``: called once the probes are attached (tests start their workload then).
+* ``stop``: a ``threading.Event``; setting it ends the capture like SIGINT (for callers running the probe
+  in a thread, where signal handlers cannot be installed).
+* Returns the trailer dict: ``end_time_ns``, ``end_boot_ns``, ``wall_offset_end_ns``, ``exit_status``,
+  ``stop_reason`` (``duration`` | ``signal`` | ``stopped`` | ``backend-exit``), ``lost``, ``records``, ``backend_messages``.
+* Raises :class:`~fleet.errors.NotRoot`, :class:`~fleet.errors.MissingProgram`,
+  :class:`~fleet.errors.EnvironmentProblem` (no tracefs; the backend failed to attach: its message is in
+  the error), :class:`~fleet.errors.UsageError` / :class:`~fleet.errors.InputError` (bad options, bad libc).
+
+Command line (stdlib only; this is what runs on fleet hosts)::
+
+    python -m fleet.probes.runner [--backend bpftrace|stap] [--mode events|summary] [--duration S]
+        [--output FILE|-] [--libc PATH] [--binary PATH]... [--names GLOB]... [--cgroup PATH]
+        [--interval S] [--max-keys N] [--print-script]
+
+SIGINT and SIGTERM end the capture cleanly: the runner forwards SIGINT to the backend's own pid (the backend
+runs in its own session, so a terminal's Ctrl-C reaches only the runner), the backend prints its final maps
+(summary) and exits, and the trailer is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import IO, Any, Callable
+
+from fleet import capture_format as cf
+from fleet.errors import EnvironmentProblem, FleetError, MissingProgram, NotRoot, UsageError
+from fleet.probes import render
+
+_LOST_RE = re.compile(rb"^Lost (\d+) events")
+_EMITTED_RE = re.compile(rb"^@emitted: (\d+)\n$")
+#: after a stop request, wait for this long a quiet spell on the backend's output (at most DRAIN_MAX s) before
+#: SIGINT: bpftrace exits without reading what is still in its perf buffers.
+DRAIN_QUIET, DRAIN_MAX = 0.3, 3.0
+# a bpftrace summary map line: @name[pid, uid, fid, namekey, comm0, comm1, extra...]: value
+_MAP_RE = re.compile(rb"^@(lat|first|last|fail|m0|m1)\[(-?\d+(?:, -?\d+)*)\]: (-?\d+)\n$")
+_MAP_RECORD = {b"lat": b"X", b"first": b"A", b"last": b"Z", b"fail": b"F", b"m0": b"M", b"m1": b"M"}
+# stderr lines of bpftrace that are expected and harmless here
+_NOISE = (b"couldn't set RLIMIT_MEMLOCK", b"Addrspace is not set", b"available_filter_functions")
+_TRACEFS = ("/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events")
+_PACKAGES = {"bpftrace": "bpftrace", "stap": "systemtap"}
+
+
+def wall_offset_ns() -> int:
+    """CLOCK_REALTIME minus CLOCK_BOOTTIME, in ns: add it to a probe's ``nsecs`` to get UTC epoch ns."""
+    # read boottime between two realtime reads and use the midpoint, halving the error of the pair
+    a = time.clock_gettime_ns(time.CLOCK_REALTIME)
+    boot = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    b = time.clock_gettime_ns(time.CLOCK_REALTIME)
+    return (a + b) // 2 - boot
+
+
+def check_environment(opts: render.ProbeOptions) -> str:
+    """Raise the error that stops a probe here (not root, backend missing, no tracefs); return the
+    backend's path."""
+    if os.geteuid() != 0:
+        raise NotRoot("probing the resolver")
+    program = shutil.which(opts.backend)
+    if program is None:
+        raise MissingProgram(opts.backend, _PACKAGES[opts.backend])
+    if opts.backend == "bpftrace" and not any(os.path.exists(p) for p in _TRACEFS):
+        raise EnvironmentProblem("tracefs is not mounted (uprobes need it)",
+                                 hint="mount -t tracefs tracefs /sys/kernel/tracing")
+    return program
+
+
+def _backend_version(program: str) -> str:
+    try:
+        out = subprocess.run([program, "--version"], capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (out.stdout or out.stderr).decode("utf-8", "replace").strip().splitlines()[0] if (out.stdout or out.stderr) else "unknown"
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _header(opts: render.ProbeOptions, program: str, offset: int) -> dict[str, Any]:
+    libc = opts.resolved_libc()
+    return {
+        "host": socket.gethostname(), "boot_id": _boot_id(), "kernel": platform.release(),
+        "backend": opts.backend, "backend_version": _backend_version(program),
+        "libc_path": os.path.realpath(libc), "libc_build_id": render.elf_info(libc).build_id,
+        "binaries": [{"path": os.path.realpath(p), "build_id": render.elf_info(p).build_id} for p in opts.binaries],
+        "clock": "CLOCK_BOOTTIME", "wall_offset_ns": offset,
+        "start_time": datetime.datetime.fromtimestamp(time.time(), datetime.timezone.utc).isoformat(),
+        "mode": opts.mode, "filters": {"names": list(opts.names), "cgroup": opts.cgroup},
+        "interval_s": opts.interval, "max_keys": opts.max_keys,
+        "functions": {str(k): v for k, v in render.FUNCTION_NAMES.items()},
+        "runner_pid": os.getpid(),
+    }
+
+
+def _map_record(line: bytes) -> bytes | None:
+    """Turn one bpftrace summary map line into a capture record (None: not a summary map line)."""
+    m = _MAP_RE.match(line)
+    if not m:
+        return None
+    name, keys, value = m.groups()
+    return b" ".join([_MAP_RECORD[name], *keys.split(b", "), value]) + b"\n"
+
+
+def _table_row(line: bytes, offset: int, names: dict[int, bytes]) -> dict[str, Any] | None:
+    """An E record as the live table's row (``names``: name key → N record text, see capture_format)."""
+    try:
+        t0, pid, tid, uid, fid, rc, herr, lat, key, c0, c1 = (int(x) for x in line.split(b" ")[1:])
+    except ValueError:
+        return None
+    return {"time": datetime.datetime.fromtimestamp((t0 + offset) / 1e9, datetime.timezone.utc),
+            "pid": pid, "tid": tid, "uid": uid, "comm": cf.display_bytes(cf.comm_bytes(c0, c1)),
+            "function": cf.FUNCTIONS.get(fid, str(fid)), "name": names.get(key % 2**64, "?"),
+            "result": cf.result_name(fid, rc, herr), "latency_ns": lat}
+
+
+class _Stopper:
+    """Ends the backend once: on our SIGINT/SIGTERM, ``stop``, or the duration running out.
+
+    It first lets the backend drain (DRAIN_QUIET of silence on its output, at most DRAIN_MAX), then sends
+    SIGINT to the backend's own pid: bpftrace then runs END (final summary maps, @emitted) and exits.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.reason: str | None = None
+        self.lock = threading.Lock()
+        self.timer: threading.Timer | None = None
+        self.last_output = time.monotonic()
+
+    def stop(self, reason: str) -> None:
+        with self.lock:
+            if self.reason is not None:
+                return
+            self.reason = reason
+        threading.Thread(target=self._drain_then_interrupt, daemon=True).start()
+
+    def _drain_then_interrupt(self) -> None:
+        start = time.monotonic()
+        while time.monotonic() - start < DRAIN_MAX and self.proc.poll() is None:
+            quiet_since = max(self.last_output, start)
+            if time.monotonic() - quiet_since >= DRAIN_QUIET:
+                break
+            time.sleep(0.05)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+
+    def start_timer(self, duration: float) -> None:
+        self.timer = threading.Timer(duration, self.stop, args=("duration",))
+        self.timer.daemon = True
+        self.timer.start()
+
+
+def run_probe(opts: render.ProbeOptions, output: str | IO[bytes], *, duration: float | None = None,
+              table_callback: Callable[[dict[str, Any]], None] | None = None,
+              ready_callback: Callable[[], None] | None = None,
+              stop: threading.Event | None = None) -> dict[str, Any]:
+    """Run the probe until ``duration`` / SIGINT / SIGTERM / ``stop`` is set / the backend's exit; see the
+    module docstring."""
+    if duration is not None and duration <= 0:
+        raise UsageError("the duration must be positive")
+    program = check_environment(opts)
+    script = render.render(opts)
+    offset = wall_offset_ns()
+    header = _header(opts, program, offset)
+    with tempfile.NamedTemporaryFile("w", suffix=".bt" if opts.backend == "bpftrace" else ".stp",
+                                     prefix="fleetdns-", delete=False) as f:
+        f.write(script)
+        script_path = f.name
+    out, close = _open_output(output)
+    try:
+        out.write(cf.header_line(header))
+        out.flush()
+        return _run(opts, program, script_path, out, offset, duration, table_callback, ready_callback, stop)
+    finally:
+        os.unlink(script_path)
+        if close:
+            out.close()
+
+
+def _open_output(output: str | IO[bytes]) -> tuple[IO[bytes], bool]:
+    if output == "-":
+        return sys.stdout.buffer, False
+    if isinstance(output, str):
+        try:
+            return open(output, "wb"), True
+        except OSError as e:
+            raise FleetError(f"cannot write {output}: {e.strerror}") from None
+    return output, False
+
+
+def _command(program: str, script_path: str, offset: int) -> list[str]:
+    """bpftrace's command line (the only backend rendered so far); $1 is the wall-clock offset."""
+    # -B line: flush each record as printed, so the file is current and a kill loses at most a line
+    return [program, "-B", "line", script_path, str(offset)]
+
+
+def _run(opts, program, script_path, out, offset, duration, table_callback, ready_callback, stop) -> dict[str, Any]:
+    env = {**os.environ, **render.backend_env(opts)}
+    proc = subprocess.Popen(_command(program, script_path, offset), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    stopper = _Stopper(proc)
+    messages: list[str] = []
+    err_thread = threading.Thread(target=_read_stderr, args=(proc.stderr, messages), daemon=True)
+    err_thread.start()
+    if stop is not None:
+        threading.Thread(target=lambda: stop.wait() and stopper.stop("stopped"), daemon=True).start()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda *_: stopper.stop("signal"))
+    lost = records = printed = 0
+    emitted: int | None = None  # the probe's own count of printf records, from END
+    attached = False
+    names: dict[int, str] = {}  # name key → display text, for the live table only
+    try:
+        for line in proc.stdout:
+            stopper.last_output = time.monotonic()
+            kind = line[:1]
+            if kind in b"ENSYB" and line[1:2] == b" ":
+                out.write(line)
+                records += 1
+                printed += kind in b"EN"
+                if kind == b"B" and not attached:
+                    attached = True
+                    if duration is not None:
+                        stopper.start_timer(duration)
+                    if ready_callback is not None:
+                        ready_callback()
+                elif kind == b"E" and table_callback is not None:
+                    row = _table_row(line, offset, names)
+                    if row is not None:
+                        table_callback(row)
+                elif kind == b"N" and table_callback is not None:
+                    cf.add_display_name(names, line)
+            elif (m := _EMITTED_RE.match(line)) is not None:
+                # END prints the count; bpftrace's own exit then prints the cleared map again as 0
+                emitted = max(emitted or 0, int(m.group(1)))
+            elif (record := _map_record(line)) is not None:
+                out.write(record)
+                records += 1
+            elif (m := _LOST_RE.match(line)) is not None:
+                lost += int(m.group(1))
+                out.write(b"L %d\n" % int(m.group(1)))
+            elif line.strip() and not line.startswith(b"Attaching "):
+                messages.append(line.decode("utf-8", "replace").strip()[:200])
+        proc.wait()
+        if emitted is not None and emitted > printed + lost:
+            # records the backend produced but never delivered (left in its buffers at exit): lost too
+            out.write(b"L %d\n" % (emitted - printed - lost))
+            lost = emitted - printed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if stopper.timer is not None:
+            stopper.timer.cancel()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    err_thread.join(timeout=5)
+    trailer = {
+        "end_time_ns": time.time_ns(), "end_boot_ns": time.clock_gettime_ns(time.CLOCK_BOOTTIME),
+        "wall_offset_end_ns": wall_offset_ns(), "exit_status": proc.returncode,
+        "stop_reason": stopper.reason or "backend-exit", "lost": lost, "records": records, "emitted": emitted,
+        "attached": attached, "backend_messages": messages[-20:],
+    }
+    out.write(cf.trailer_line(trailer))
+    out.flush()
+    if not attached and stopper.reason is None:
+        detail = "; ".join(messages[-5:]) or f"exit status {proc.returncode}"
+        raise EnvironmentProblem(f"{opts.backend} failed to attach its probes: {detail}")
+    return trailer
+
+
+def _read_stderr(stream: IO[bytes], messages: list[str]) -> None:
+    for line in stream:
+        if line.strip() and not any(n in line for n in _NOISE):
+            messages.append(line.decode("utf-8", "replace").strip()[:200])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m fleet.probes.runner``: run the probe, write the capture; errors as one line, exit code."""
+    p = argparse.ArgumentParser(prog="python -m fleet.probes.runner", description=__doc__.split("\n")[0])
+    p.add_argument("--backend", choices=render.BACKENDS, default="bpftrace")
+    p.add_argument("--mode", choices=render.MODES, default="events")
+    p.add_argument("--duration", type=float, default=None, help="seconds after attach (default: until SIGINT)")
+    p.add_argument("--output", default="-", help="capture file, or - for stdout")
+    p.add_argument("--libc", default=None)
+    p.add_argument("--binary", action="append", default=[], help="extra program to hook (repeatable)")
+    p.add_argument("--names", action="append", default=[], help="name glob (repeatable)")
+    p.add_argument("--cgroup", default=None)
+    p.add_argument("--interval", type=int, default=60)
+    p.add_argument("--max-keys", type=int, default=65536)
+    p.add_argument("--print-script", action="store_true", help="print the rendered script and exit")
+    a = p.parse_args(argv)
+    opts = render.ProbeOptions(backend=a.backend, mode=a.mode, libc=a.libc, binaries=tuple(a.binary),
+                               names=tuple(a.names), cgroup=a.cgroup, interval=a.interval, max_keys=a.max_keys)
+    try:
+        if a.print_script:
+            sys.stdout.write(render.render(opts))
+            return 0
+        trailer = run_probe(opts, a.output, duration=a.duration)
+    except FleetError as e:
+        print(f"fleetdns probe: error: {e}", file=sys.stderr)
+        return int(e.exit_code)
+    if trailer["lost"]:
+        print(f"fleetdns probe: {trailer['lost']} events lost (counted in the trailer)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
