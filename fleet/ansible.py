@@ -11,10 +11,13 @@ import os
 import re
 import sys
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ansible_runner
+
+from fleet.errors import ExitCode, FleetError
 
 #: a host's status, worst first; a host counts as failed when it is "failed" or "unreachable"
 STATUSES = ("unreachable", "failed", "changed", "ok", "skipped")
@@ -41,6 +44,20 @@ class AnsibleRun:
     @property
     def failed(self) -> list[HostResult]:
         return [r for r in self.hosts.values() if r.failed]
+
+
+class AnsibleFailed(FleetError):
+    """Ansible stopped before any host ran (a playbook error, a bad option); carries its own first error line."""
+
+    exit_code = ExitCode.HOSTS_FAILED
+
+    def __init__(self, run: AnsibleRun) -> None:
+        try:
+            text = re.sub(r"\x1b\[[0-9;]*m", "", (run.artifacts / "stdout").read_text(errors="replace"))
+        except OSError:
+            text = ""
+        first = next((line.strip() for line in text.splitlines() if "ERROR" in line), f"exit status {run.rc}")
+        super().__init__(f"Ansible failed before any host ran: {first}", hint=f"see {run.artifacts}/stdout")
 
 
 def environment() -> dict[str, str]:
@@ -75,6 +92,45 @@ def one_line(message: str, limit: int = 300) -> str:
     lines = [line.strip() for line in re.sub(r"@{3,}", "", message).splitlines() if line.strip()]
     text = lines[0] if len(lines) <= 1 else f"{lines[0]} … {lines[-1]}"
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def run_playbook(
+    playbook: Path,
+    inventory: Path,
+    *,
+    data_dir: Path,
+    extravars: dict | None = None,
+    limit: str | None = None,
+    check: bool = False,
+    verbosity: int = 0,
+    on_event: Callable[[dict], None] | None = None,
+) -> tuple[AnsibleRun, list[dict]]:
+    """Run *playbook* on *inventory*; returns the run and its events (ansible-runner's dicts, in order).
+
+    *on_event* sees every event as it happens (for live progress)."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ident = uuid.uuid4().hex
+
+    def handler(event: dict) -> bool:
+        if on_event:
+            on_event(event)
+        return True  # keep the event in the artifacts
+
+    runner = ansible_runner.run(
+        private_data_dir=str(data_dir),
+        ident=ident,
+        playbook=str(playbook),
+        inventory=str(inventory),
+        limit=limit,
+        extravars=extravars or {},
+        cmdline="--check" if check else None,
+        verbosity=verbosity or None,
+        envvars=environment(),
+        event_handler=handler,
+        quiet=True,
+    )
+    events = list(runner.events)
+    return AnsibleRun(ident, data_dir / "artifacts" / ident, runner.rc, host_results(runner)), events
 
 
 def host_results(runner) -> dict[str, HostResult]:

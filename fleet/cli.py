@@ -55,12 +55,6 @@ def pending(name: str, help_text: str) -> None:
         raise NotImplementedYet(name)
 
 
-pending("deploy", """Install the probe and its tools on every host of INVENTORY (Ansible playbooks).
-
-\b
-Examples:
-  fleetdns deploy inventory/prod.ini
-  fleetdns deploy inventory/ --limit 'web*' --check""")
 pending("capture", """Record DNS lookups on every host at once, for a fixed duration.
 
 \b
@@ -94,6 +88,52 @@ pending("check", """Verify a change: exit 0 when no host resolved an --absent na
 \b
 Example:
   fleetdns check --absent 'old-db.*' --present new-db.example.com""")
+
+
+# ---- deploy -----------------------------------------------------------------------------------------------------
+
+
+@cli.command("deploy", context_settings=CONTEXT)
+@click.argument("inventory_path", metavar="INVENTORY")
+@click.option("--limit", metavar="PATTERN", help="Only the hosts matching this Ansible pattern.")
+@click.option("--check", is_flag=True, help="Ansible check mode: report what would change, change nothing.")
+@click.option("--backend", type=click.Choice(["auto", "stap", "bpftrace"]), default="auto", show_default=True,
+              help="The backend a host needs working to count as ready (auto: any).")
+@click.option("-v", "--verbose", count=True, help="Show every task result (-vv…: Ansible's own verbosity too).")
+def deploy_command(inventory_path: str, limit: str | None, check: bool, backend: str, verbose: int) -> None:
+    """Install SystemTap + kernel headers and bpftrace on every host of INVENTORY, deploy the probe, and check it.
+
+    INVENTORY is anything Ansible accepts: an INI or YAML file, or a directory with group_vars/. Each host ends
+    with a preflight that attaches every installed backend and checks it sees a real lookup; a host is ready when
+    its backend passed. Exit 0 when every targeted host is ready, 1 when some are not (the others stay deployed).
+
+    \b
+    Examples:
+      fleetdns deploy inventory/lab.ini
+      fleetdns deploy inventory/prod/ --limit 'web*' --check
+      fleetdns deploy inventory/prod.ini --backend stap -v
+    """
+    from rich.live import Live
+
+    from fleet import deploy
+    from fleet.progress import PlaybookProgress
+
+    progress = PlaybookProgress(verbose=verbose > 0)
+    with Live(progress.spinner, console=err, transient=True, refresh_per_second=8) as live:
+        progress.console = live.console
+        reports, run = deploy.deploy(inventory_path, limit=limit, check=check, backend=backend,
+                                     verbosity=max(0, verbose - 1), on_event=progress.on_event)
+    table = Table("host", "result", "ready", "backends", "libc", "problems", title="fleetdns deploy" +
+                  (" (check mode)" if check else ""))
+    for r in reports:
+        ready = "n/a" if check else ("yes" if r.ready else "no")
+        problems = "; ".join(p if len(p) <= 160 else p[:159] + "…" for p in r.problems)
+        table.add_row(r.host, r.status, ready, ", ".join(r.backends) or "-", r.libc or "-", problems)
+    out.print(table)
+    err.print(f"ansible-runner artifacts: {run.artifacts}")
+    bad = [r.host for r in reports if (r.status in ("failed", "unreachable") if check else not r.ready)]
+    if bad:
+        raise HostsFailed(f"{len(bad)} of {len(reports)} hosts not ready: {', '.join(bad)}")
 
 
 # ---- lab --------------------------------------------------------------------------------------------------------
@@ -280,9 +320,13 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         err.print("fleetdns: interrupted", markup=False)
         code = ExitCode.INTERRUPTED
+    except click.UsageError as exc:
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        err.print(f"fleetdns: error: {exc.format_message()}{where}", markup=False)
+        code = ExitCode.USAGE
     except click.ClickException as exc:
-        exc.show()
-        code = ExitCode.USAGE if isinstance(exc, click.UsageError) else exc.exit_code
+        err.print(f"fleetdns: error: {exc.format_message()}", markup=False)
+        code = ExitCode.USAGE
     except KeyboardInterrupt:
         err.print("fleetdns: interrupted", markup=False)
         code = ExitCode.INTERRUPTED

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,11 +32,6 @@ MODES = ("overlay", "bind")
 #: the lab zone served by the lab DNS server, besides one ``labN.lab`` name per host (index → name)
 SERVICE_NAMES = ("db.lab", "old-db.lab", "new-db.lab", "api.lab", "cache.lab", "queue.lab")
 HOST_ADDRESS_OFFSET = 10
-
-
-def lab_home() -> Path:
-    """The directory holding ``.lab/`` and ``inventory/``: ``$FLEETDNS_HOME`` or the current directory."""
-    return Path(os.environ.get("FLEETDNS_HOME") or os.getcwd()).resolve()
 
 
 def host_name(index: int) -> str:

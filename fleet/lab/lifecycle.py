@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fleet.errors import EnvironmentProblem, LabError, UsageError
+from fleet.home import home as lab_home
 from fleet.lab import accommodations
 from fleet.lab.layout import (
     MAX_HOSTS,
@@ -33,7 +34,6 @@ from fleet.lab.layout import (
     SERVICE_NAMES,
     Layout,
     host_name,
-    lab_home,
     preferred_octet,
     tag_for,
 )
