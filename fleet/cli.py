@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import click
 from rich.console import Console
@@ -174,8 +175,6 @@ def lab_up(hosts: int, mode: str) -> None:
       fleetdns lab up
       fleetdns lab up --hosts 50 --mode bind
     """
-    import time
-
     from fleet.lab import lifecycle
 
     started = time.monotonic()

@@ -25,7 +25,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fleet.errors import EnvironmentProblem, LabError, UsageError
+from fleet.errors import EnvironmentProblem, InputError, LabError, UsageError
 from fleet.home import home as lab_home
 from fleet.lab import accommodations
 from fleet.lab.layout import (
@@ -66,8 +66,6 @@ class Lab:
 
     def index(self, name: str) -> int:
         """The index of host *name*; :class:`InputError` for a host this lab does not have."""
-        from fleet.errors import InputError
-
         if name not in self.names():
             raise InputError(f"unknown lab host '{name}'", hint=f"this lab has lab1…lab{self.hosts}")
         return int(name[3:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 
@@ -19,8 +20,6 @@ pytestmark = [needs_root, pytest.mark.lab]
 @pytest.fixture(scope="module")
 def first_deploy(lab):
     """The CLI's first deploy of the session lab: (completed process, seconds)."""
-    import time
-
     started = time.monotonic()
     proc = fleetdns("deploy", str(lab.layout.inventory), home=lab.layout.home, timeout=600)
     return proc, time.monotonic() - started

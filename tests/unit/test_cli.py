@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,8 +83,6 @@ def test_lab_up_names_the_package_of_a_missing_program(tmp_path):
     # A PATH holding every program the lab needs except sshd.
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    import shutil
-
     for program in ("ip", "nsenter", "unshare", "mount", "umount"):
         (bindir / program).symlink_to(shutil.which(program))
     proc = fleetdns("lab", "up", home=tmp_path, env={"PATH": str(bindir)})
