@@ -15,7 +15,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from fleet.errors import ExitCode, FleetError, HostsFailed, NotImplementedYet
+from fleet.errors import ExitCode, FleetError, HostsFailed, NotImplementedYet, UsageError
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -135,6 +135,70 @@ def deploy_command(inventory_path: str, limit: str | None, check: bool, backend:
     bad = [r.host for r in reports if (r.status in ("failed", "unreachable") if check else not r.ready)]
     if bad:
         raise HostsFailed(f"{len(bad)} of {len(reports)} hosts not ready: {', '.join(bad)}")
+
+
+# ---- probe (this machine) ------------------------------------------------------------------------------------
+
+
+@cli.command("probe", context_settings=CONTEXT)
+@click.option("--backend", type=click.Choice(["bpftrace", "stap"]), default="bpftrace", show_default=True,
+              help="The tracer that runs the probe.")
+@click.option("--mode", type=click.Choice(["events", "summary"]), default="events", show_default=True,
+              help="events: one record per lookup; summary: counted in the kernel, lossless at any rate.")
+@click.option("--duration", metavar="D", help="Stop after D (90s, 10m, 1h30m); default: until Ctrl-C.")
+@click.option("-o", "--output", metavar="FILE|-",
+              help="Write the capture here (created 0600); '-' is stdout. Default: '-', or nothing with --table.")
+@click.option("--table", is_flag=True, help="Show a live table of lookups on stderr (events mode).")
+@click.option("--names", "names", metavar="GLOB", multiple=True,
+              help="Only names matching GLOB, case-insensitive, matched in the kernel (repeatable; '*' once).")
+@click.option("--libc", metavar="PATH", help="The libc file to hook (default: this machine's).")
+@click.option("--binary", "binaries", metavar="PATH", multiple=True,
+              help="Also hook this program (a static binary carrying its own resolver; repeatable).")
+@click.option("--cgroup", metavar="PATH", help="Only processes in this cgroup v2 directory (bpftrace).")
+@click.option("--interval", metavar="D", default="60s", show_default=True,
+              help="Summary mode: print the in-kernel counts this often.")
+def probe_command(backend: str, mode: str, duration: str | None, output: str | None, table: bool,
+                  names: tuple[str, ...], libc: str | None, binaries: tuple[str, ...], cgroup: str | None,
+                  interval: str) -> None:
+    """Record DNS lookups on THIS machine: which process resolves which name (root).
+
+    The single-host probe, and the same code the fleet's hosts run. Ctrl-C (or --duration running out) ends
+    it cleanly with the capture's trailer written; exit 0. Exit 1 when the tracer stopped by itself (the
+    capture so far is kept), 4 when not root or the tracer is missing, 3 for a bad --libc/--binary file.
+
+    \b
+    Examples:
+      fleetdns probe --table
+      fleetdns probe --duration 10m --output dns.capture
+      fleetdns probe --mode summary --duration 1h --names '*.corp.example' -o busy.capture
+      fleetdns probe --backend stap --table --names 'old-db.*'
+    """
+    from rich.live import Live
+
+    from fleet.durations import parse_duration
+    from fleet.probe_view import LookupTable
+    from fleet.probes import render, runner
+
+    seconds = parse_duration(duration) if duration is not None else None
+    every = parse_duration(interval, what="interval")
+    if table and mode != "events":
+        raise UsageError("--table shows single lookups: use it with --mode events")
+    opts = render.ProbeOptions(backend=backend, mode=mode, libc=libc, binaries=binaries, names=names,
+                               cgroup=cgroup, interval=max(1, round(every)))
+    if output is None:
+        output = os.devnull if table else "-"
+    view = LookupTable() if table else None
+    if view is not None:
+        with Live(view, console=err, refresh_per_second=4, transient=False):
+            trailer = runner.run_probe(opts, output, duration=seconds, table_callback=view.add)
+    else:
+        trailer = runner.run_probe(opts, output, duration=seconds)
+    if trailer["lost"]:
+        err.print(f"fleetdns probe: {trailer['lost']} events lost (counted in the capture's trailer; "
+                  "--mode summary loses none)", markup=False)
+    if trailer["stop_reason"] == "backend-exit":
+        detail = "; ".join(trailer["backend_messages"][-3:]) or f"exit status {trailer['exit_status']}"
+        raise HostsFailed(f"{backend} stopped by itself ({detail}); the capture so far is kept")
 
 
 # ---- lab --------------------------------------------------------------------------------------------------------

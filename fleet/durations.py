@@ -36,7 +36,7 @@ def parse_duration(text: str, *, what: str = "duration") -> float:
         m = _DURATION_RE.match(t)
         if not t or m is None or not any(m.groups()):
             raise UsageError(f"bad {what} {text!r}: use e.g. 90s, 10m, 1h30m")
-        seconds = sum(float(v) * unit for v, unit in zip(m.groups(), _UNITS.values()) if v is not None)
+        seconds = sum(float(v) * unit for v, unit in zip(m.groups(), _UNITS.values(), strict=True) if v is not None)
     if seconds <= 0:
         raise UsageError(f"bad {what} {text!r}: must be positive")
     if seconds > MAX_DURATION:

@@ -93,8 +93,8 @@ def _host_entry() -> dict[str, Any]:
 
 
 def new_run_id(now: datetime.datetime | None = None) -> str:
-    now = now or datetime.datetime.now(datetime.timezone.utc)
-    return now.astimezone(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    now = now or datetime.datetime.now(datetime.UTC)
+    return now.astimezone(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def new_run(options: dict[str, Any], inventory: str, limit: str | None, hosts: list[str]) -> Run:
@@ -111,7 +111,7 @@ def new_run(options: dict[str, Any], inventory: str, limit: str | None, hosts: l
     path = root / run_id
     private_dir(path / "raw")
     manifest = {"format": FORMAT, "run": run_id,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "inventory": inventory, "limit": limit, "options": options,
                 "hosts": {check_host_name(h): _host_entry() for h in hosts}}
     run = Run(path, manifest)

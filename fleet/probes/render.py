@@ -259,8 +259,10 @@ def _bt_arg(n: int) -> str:
 
 
 def _bt_byte(offset: str) -> str:
-    """One byte of the name at ``$p + offset``, ASCII-lowercased into ``$c``."""
-    return f"$c = *(uint8*)($p + {offset}); if ($c >= 65 && $c <= 90) {{ $c = $c + 32; }}"
+    """One byte of the name at ``$p + offset``, ASCII-lowercased into ``$l``."""
+    # $l is 64-bit on purpose: bpftrace 0.17 silently drops `$l = $l + 32` when $l is a uint8 variable, which
+    # made uppercase names miss lowercase globs
+    return f"$l = (uint64)*(uint8*)($p + {offset}); if ($l >= 65 && $l <= 90) {{ $l = $l + 32; }}"
 
 
 def _bt_glob(globs: tuple[str, ...]) -> str:
@@ -275,10 +277,10 @@ def _bt_glob(globs: tuple[str, ...]) -> str:
         body = ["$g = 1;"]
         for i, ch in enumerate(pre):
             if ch != ord("?"):
-                body.append(f"{_bt_byte(str(i))} if ($c != {ch}) {{ $g = 0; }}")
+                body.append(f"{_bt_byte(str(i))} if ($l != {ch}) {{ $g = 0; }}")
         for i, ch in enumerate(suf or b""):
             if ch != ord("?"):
-                body.append(f"{_bt_byte(f'(uint64)($n - {len(suf) - i})')} if ($c != {ch}) {{ $g = 0; }}")
+                body.append(f"{_bt_byte(f'(uint64)($n - {len(suf) - i})')} if ($l != {ch}) {{ $g = 0; }}")
         body.append("if ($g) { $m = 1; }")
         out.append(f"if ($m == 0 && {cond}) {{ " + " ".join(body) + " }")
     return "\n    ".join(out)

@@ -52,7 +52,8 @@ import time
 from typing import IO, Any, Callable
 
 from fleet import capture_format as cf
-from fleet.errors import EnvironmentProblem, FleetError, MissingProgram, NotRoot, UsageError
+from fleet.errors import EnvironmentProblem, FleetError, InputError, MissingProgram, NotRoot, UsageError
+from fleet.private import open_private
 from fleet.probes import render
 
 _LOST_RE = re.compile(rb"^Lost (\d+) events")
@@ -60,6 +61,14 @@ _EMITTED_RE = re.compile(rb"^@emitted: (\d+)\n$")
 #: after a stop request, wait for this long a quiet spell on the backend's output (at most DRAIN_MAX s) before
 #: SIGINT: bpftrace exits without reading what is still in its perf buffers.
 DRAIN_QUIET, DRAIN_MAX = 0.3, 3.0
+#: the capture file is flushed at least this often (seconds), and at once when the probes attach, so a reader
+#: (``fleetdns probe --output``, the host-side status) sees records while the probe runs
+FLUSH_EVERY = 0.5
+#: a backend that has not attached its probes after this long is killed (bpftrace compiling on a loaded host
+#: takes seconds; minutes means it is stuck)
+ATTACH_TIMEOUT = 300.0
+#: a backend still running this long after its SIGINT is killed with its process group
+STOP_TIMEOUT = 20.0
 # a bpftrace summary map line: @name[pid, uid, fid, namekey, comm0, comm1, extra...]: value
 _MAP_RE = re.compile(rb"^@(lat|first|last|fail|m0|m1)\[(-?\d+(?:, -?\d+)*)\]: (-?\d+)\n$")
 _MAP_RECORD = {b"lat": b"X", b"first": b"A", b"last": b"Z", b"fail": b"F", b"m0": b"M", b"m1": b"M"}
@@ -158,6 +167,7 @@ class _Stopper:
         self.lock = threading.Lock()
         self.timer: threading.Timer | None = None
         self.last_output = time.monotonic()
+        self.killed: str | None = None
 
     def stop(self, reason: str) -> None:
         with self.lock:
@@ -175,6 +185,18 @@ class _Stopper:
             time.sleep(0.05)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill(f"ignored SIGINT for {STOP_TIMEOUT:g}s")
+
+    def kill(self, why: str) -> None:
+        """Kill the backend's whole process group (it runs in its own session); ``why`` goes to the trailer."""
+        self.killed = why
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def start_timer(self, duration: float) -> None:
         self.timer = threading.Timer(duration, self.stop, args=("duration",))
@@ -210,14 +232,44 @@ def run_probe(opts: render.ProbeOptions, output: str | IO[bytes], *, duration: f
 
 
 def _open_output(output: str | IO[bytes]) -> tuple[IO[bytes], bool]:
+    """The capture's file object and whether we close it; a new file is created 0600 (DNS logs are personal)."""
     if output == "-":
         return sys.stdout.buffer, False
     if isinstance(output, str):
         try:
-            return open(output, "wb"), True
+            return open_private(output, "wb"), True
         except OSError as e:
-            raise FleetError(f"cannot write {output}: {e.strerror}") from None
+            raise InputError(f"cannot write {output}: {e.strerror}") from None
     return output, False
+
+
+class _Flusher:
+    """Flushes the capture every FLUSH_EVERY seconds from a thread; writes and flushes share one lock."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out, self.lock, self.done = out, threading.Lock(), threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            self.out.write(data)
+
+    def flush(self) -> None:
+        with self.lock:
+            try:
+                self.out.flush()
+            except (BrokenPipeError, ValueError):  # a closed pipe or file: the final write reports it
+                pass
+
+    def _loop(self) -> None:
+        while not self.done.wait(FLUSH_EVERY):
+            self.flush()
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join()
+        self.flush()
 
 
 def _command(program: str, script_path: str, offset: int) -> list[str]:
@@ -226,11 +278,17 @@ def _command(program: str, script_path: str, offset: int) -> list[str]:
     return [program, "-B", "line", script_path, str(offset)]
 
 
-def _run(opts, program, script_path, out, offset, duration, table_callback, ready_callback, stop) -> dict[str, Any]:
+def _run(opts, program, script_path, file, offset, duration, table_callback, ready_callback, stop) -> dict[str, Any]:
     env = {**os.environ, **render.backend_env(opts)}
     proc = subprocess.Popen(_command(program, script_path, offset), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
     stopper = _Stopper(proc)
+    out = _Flusher(file)
+    attached = False
+    attach_timer = threading.Timer(ATTACH_TIMEOUT, lambda: attached or stopper.kill(
+        f"probes not attached after {ATTACH_TIMEOUT:g}s"))
+    attach_timer.daemon = True
+    attach_timer.start()
     messages: list[str] = []
     err_thread = threading.Thread(target=_read_stderr, args=(proc.stderr, messages), daemon=True)
     err_thread.start()
@@ -242,7 +300,6 @@ def _run(opts, program, script_path, out, offset, duration, table_callback, read
             handlers[sig] = signal.signal(sig, lambda *_: stopper.stop("signal"))
     lost = records = printed = 0
     emitted: int | None = None  # the probe's own count of printf records, from END
-    attached = False
     names: dict[int, str] = {}  # name key → display text, for the live table only
     try:
         for line in proc.stdout:
@@ -254,6 +311,8 @@ def _run(opts, program, script_path, out, offset, duration, table_callback, read
                 printed += kind in b"EN"
                 if kind == b"B" and not attached:
                     attached = True
+                    attach_timer.cancel()
+                    out.flush()
                     if duration is not None:
                         stopper.start_timer(duration)
                     if ready_callback is not None:
@@ -286,9 +345,13 @@ def _run(opts, program, script_path, out, offset, duration, table_callback, read
             proc.wait()
         if stopper.timer is not None:
             stopper.timer.cancel()
+        attach_timer.cancel()
+        out.done.set()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     err_thread.join(timeout=5)
+    if stopper.killed:
+        messages.append(f"killed: {stopper.killed}")
     trailer = {
         "end_time_ns": time.time_ns(), "end_boot_ns": time.clock_gettime_ns(time.CLOCK_BOOTTIME),
         "wall_offset_end_ns": wall_offset_ns(), "exit_status": proc.returncode,
@@ -296,7 +359,7 @@ def _run(opts, program, script_path, out, offset, duration, table_callback, read
         "attached": attached, "backend_messages": messages[-20:],
     }
     out.write(cf.trailer_line(trailer))
-    out.flush()
+    out.close()
     if not attached and stopper.reason is None:
         detail = "; ".join(messages[-5:]) or f"exit status {proc.returncode}"
         raise EnvironmentProblem(f"{opts.backend} failed to attach its probes: {detail}")
