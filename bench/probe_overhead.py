@@ -6,7 +6,8 @@ Usage (root, bpftrace, gcc; a few minutes)::
     .venv/bin/python bench/probe_overhead.py --lab-dns [--seconds 5] [--rounds 3]     # the lab-DNS loop only
 
 Part 1, rate ratio: the loop runs ``--seconds`` bare, under bpftrace with the probe's hooks and empty bodies
-(the floor), under the summary-mode probe and under the events-mode probe, interleaved for ``--rounds`` rounds (so drifting background load hits every configuration alike);
+(the floor), under the summary-mode probe and under the events-mode probe, interleaved for ``--rounds`` rounds
+(so drifting background load hits every configuration alike);
 the ratio is the median probed rate over the median bare rate of the same run.
 Part 2, events-mode loss: the loop paced at fixed rates, alone in a cgroup the probe filters on, so
 ``recorded + lost`` must equal the loop's own count exactly.

@@ -2,10 +2,10 @@
 answered by the host's /etc/hosts and by the lab's DNS server (names, NXDOMAIN, a reverse lookup), each seen once
 with the right function, result, a positive latency and a time inside the test's wall-clock window.
 
-The host runs the probe the way deployed hosts do (``python3 -m fleet.probes.runner``, stdlib only, the code
-``fleetdns probe`` runs), from a copy of this checkout's ``fleet/`` package put into the host's private
-/var/lib/fleetdns. The probe reports the machine's pids, not the host's (the host has its own pid namespace), so lookups are told
-apart by name and process name here.
+The host runs the probe the way deployed hosts do (``python3 -m fleet.probes.runner``, stdlib only, the
+code ``fleetdns probe`` runs), from a copy of this checkout's ``fleet/`` package put into the host's private
+/var/lib/fleetdns. The probe reports the machine's pids, not the host's (the host has its own pid
+namespace), so lookups are told apart by name and process name here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
