@@ -40,8 +40,7 @@ def cli() -> None:
       fleetdns lab up --hosts 3 && fleetdns lab ping && fleetdns lab down
 
     Exit codes: 0 ok, 1 some hosts failed, 2 usage, 3 bad input, 4 environment, 5 lab failed, 6 check unproven,
-    70 internal error,
-    130 interrupted (docs/exit-codes.md).
+    70 internal error, 130 interrupted (docs/exit-codes.md).
     """
 
 

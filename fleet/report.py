@@ -157,7 +157,7 @@ def _reduce(table: pd.DataFrame, host: str, markers: set[str]) -> pd.DataFrame:
     """A capture table with the report's key columns: host from the manifest, process/name escaped from the
     exact bytes (reverse lookups keep their textual address), marker lookups dropped, byte columns gone."""
     if table.empty:
-        return table.drop(columns=["comm", "comm_bytes", "name_bytes"]).rename(columns={"comm": "process"})
+        return table.drop(columns=["comm_bytes", "name_bytes"]).rename(columns={"comm": "process"})
     # escaping runs once per distinct value, not per row
     comm = table["comm_bytes"].map(_cached(escape_bytes))
     named = table["name_bytes"].notna() & ~table["reverse"].astype(bool)
