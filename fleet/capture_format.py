@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from fleet.errors import InputError
 
 if TYPE_CHECKING:  # pandas is only needed to read; hosts writing captures may not have it
+    import numpy as np
     import pandas as pd
 
 FORMAT = "fleetdns-capture"
@@ -189,7 +190,10 @@ def _frame(table: str, rows: "list[dict[str, Any]] | pd.DataFrame") -> "pd.DataF
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows, columns=list(schema))
     out = {}
     for col, dtype in schema.items():
-        if dtype.startswith("datetime64"):
+        current = df[col].dtype
+        if str(current) == dtype or (dtype == "category" and isinstance(current, pd.CategoricalDtype)):
+            out[col] = df[col]  # already right: skip the copy
+        elif dtype.startswith("datetime64"):
             if isinstance(df[col].dtype, pd.DatetimeTZDtype):
                 out[col] = df[col].dt.tz_convert("UTC").astype(dtype)
             else:  # integer epoch ns (None for unknown)
@@ -582,11 +586,14 @@ def summarize_events(events: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFr
     # the display and byte columns of each comm / name code, from the first row that has it
     _, comm_first = np.unique(comm_code, return_index=True)
     _, name_first = np.unique(name_code, return_index=True)
-    comm_cols = {c: events[c].to_numpy(dtype=object)[comm_first] for c in ("comm", "comm_bytes")}
-    name_cols = {c: events[c].to_numpy(dtype=object)[name_first]
-                 for c in ("name", "name_bytes", "name_truncated", "reverse")}
+    comm_text = events["comm"].to_numpy(dtype=object)[comm_first]
+    comm_b = events["comm_bytes"].to_numpy(dtype=object)[comm_first]
+    name_text = events["name"].to_numpy(dtype=object)[name_first]
+    name_b = events["name_bytes"].to_numpy(dtype=object)[name_first]
+    flags = {c: events[c].to_numpy(dtype=bool)[name_first] for c in ("name_truncated", "reverse")}
     out = []
     for df in (summary, hist, minutes):
         cc, nc = df.pop("comm_code").to_numpy(), df.pop("name_code").to_numpy()
-        out.append(df.assign(**{c: v[cc] for c, v in comm_cols.items()}, **{c: v[nc] for c, v in name_cols.items()}))
+        out.append(df.assign(comm=_categorical(cc, comm_text), comm_bytes=comm_b[cc], name=_categorical(nc, name_text),
+                             name_bytes=name_b[nc], **{c: v[nc] for c, v in flags.items()}))
     return _frame("summary", out[0]), _frame("histogram", out[1]), _frame("minutes", out[2])

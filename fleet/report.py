@@ -159,10 +159,10 @@ def _reduce(table: pd.DataFrame, host: str, markers: set[str]) -> pd.DataFrame:
     if table.empty:
         return table.drop(columns=["comm_bytes", "name_bytes"]).rename(columns={"comm": "process"})
     # escaping runs once per distinct value, not per row
-    comm = table["comm_bytes"].map(_cached(escape_bytes))
+    comm = _escaped(table["comm_bytes"])
     named = table["name_bytes"].notna() & ~table["reverse"].astype(bool)
     missing = table["name_bytes"].isna() & table["name"].notna() & ~table["reverse"].astype(bool)
-    name = table["name"].astype(object).where(~named, table["name_bytes"].map(_cached(escape_bytes)))
+    name = table["name"].astype(object).where(~named, _escaped(table["name_bytes"]))
     # a name key whose N record was lost: "\?" cannot come out of escape_bytes, so it is never a real name
     name = name.where(~missing, "\\?" + table["name"].astype(str))
     # a NULL name: "\N" (as in SQL COPY) keeps it apart from the empty name, which is "" in every format
@@ -174,14 +174,11 @@ def _reduce(table: pd.DataFrame, host: str, markers: set[str]) -> pd.DataFrame:
     return out
 
 
-def _cached(fn):
-    cache: dict[Any, Any] = {}
-
-    def call(value: Any) -> Any:
-        if value not in cache:
-            cache[value] = fn(value)
-        return cache[value]
-    return call
+def _escaped(col: pd.Series) -> pd.Series:
+    """:func:`escape_bytes` of a bytes column, computed once per distinct value (None stays None)."""
+    codes, uniques = pd.factorize(col)
+    texts = np.asarray([escape_bytes(u) for u in uniques] + [None], dtype=object)
+    return pd.Series(texts[codes], index=col.index, dtype=object)  # code -1 (None) takes the trailing None
 
 
 def _timestamp(value: Any) -> pd.Timestamp:
@@ -315,16 +312,19 @@ def percentiles(histogram: pd.DataFrame, by: list[str], qs: Sequence[float] = (0
         return pd.DataFrame(columns=[*by, *cols])
     per_bucket = (histogram.groupby([*by, "bucket"], observed=True, sort=True, dropna=False)["count"].sum()
                   .reset_index())
-    grouped = per_bucket.groupby(by, observed=True, sort=False, dropna=False)["count"]
-    cum = grouped.cumsum().astype("float64")
-    total = grouped.transform("sum").astype("float64")
-    out = None
+    group = per_bucket.groupby(by, observed=True, sort=False, dropna=False).ngroup().to_numpy()
+    counts = per_bucket["count"].to_numpy(dtype="float64")
+    cum = per_bucket.groupby(group, sort=False)["count"].cumsum().to_numpy(dtype="float64")
+    total = np.bincount(group, weights=counts)[group]
+    buckets = per_bucket["bucket"].to_numpy(dtype="float64")
+    _, first_row = np.unique(group, return_index=True)  # rows are sorted by group keys, then bucket
+    out = per_bucket.iloc[first_row][by].reset_index(drop=True)
     for q, col in zip(qs, cols, strict=True):
-        reached = per_bucket[cum >= q * total]
-        first = reached.groupby(by, observed=True, sort=False, dropna=False)["bucket"].first()
-        value = (np.exp2(first.astype("float64") + 0.5) / 1e6).rename(col)
-        out = value.to_frame() if out is None else out.join(value)
-    return out.reset_index()
+        reached = np.flatnonzero(cum >= q * total)
+        # the first row of each group that reaches q: the group's lowest such bucket
+        _, first = np.unique(group[reached], return_index=True)
+        out[col] = np.exp2(buckets[reached[first]] + 0.5) / 1e6
+    return out
 
 
 def aggregate(loaded: Loaded, by: Sequence[str] = DEFAULT_BY, filters: Filters | None = None,
