@@ -170,10 +170,10 @@ class Capture:
 
     header: dict[str, Any]
     trailer: dict[str, Any] | None
-    events: "pd.DataFrame"
-    summary: "pd.DataFrame"
-    histogram: "pd.DataFrame"
-    minutes: "pd.DataFrame"
+    events: pd.DataFrame
+    summary: pd.DataFrame
+    histogram: pd.DataFrame
+    minutes: pd.DataFrame
     lost: int
     damage: dict[str, int]
 
@@ -182,7 +182,7 @@ class Capture:
         return self.header.get("mode", "events")
 
 
-def _frame(table: str, rows: "list[dict[str, Any]] | pd.DataFrame") -> "pd.DataFrame":
+def _frame(table: str, rows: list[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     """Build one table from rows (or a frame), in the column order and dtypes of SCHEMAS[table]."""
     import pandas as pd
 
@@ -424,7 +424,7 @@ _E_COLUMNS = ["t0", "pid", "tid", "uid", "fid", "rc", "herr", "latency_ns", "nam
 _E_TEXT = ("namekey", "comm0", "comm1")
 
 
-def _read_e_records(records: list[bytes], damage: collections.Counter[str]) -> "pd.DataFrame":
+def _read_e_records(records: list[bytes], damage: collections.Counter[str]) -> pd.DataFrame:
     """E record fields (after the type) → a frame of int64 columns and text u64 columns, by pyarrow's CSV
     reader in one pass. Records with another field count or an empty field are dropped and counted as
     ``bad_record``; a non-integer field makes the whole batch be re-read without the bad records."""
@@ -474,13 +474,13 @@ def _int_fields(record: bytes) -> bool:
     return True
 
 
-def _empty_e_records() -> "pd.DataFrame":
+def _empty_e_records() -> pd.DataFrame:
     import pandas as pd
 
     return pd.DataFrame({c: pd.Series(dtype="category" if c in _E_TEXT else "int64") for c in _E_COLUMNS})
 
 
-def _u64_codes(text: "pd.Series") -> tuple["np.ndarray", list[int | None]]:
+def _u64_codes(text: pd.Series) -> tuple[np.ndarray, list[int | None]]:
     """Codes of a categorical text column and its categories as u64 (None where not an integer)."""
     values = []
     for u in text.cat.categories:
@@ -491,8 +491,8 @@ def _u64_codes(text: "pd.Series") -> tuple["np.ndarray", list[int | None]]:
     return text.cat.codes.to_numpy(), values
 
 
-def _events_frame(host: str | None, offset: int, records: list[bytes], name_cols: "_NameColumns",
-                  damage: collections.Counter[str]) -> "pd.DataFrame":
+def _events_frame(host: str | None, offset: int, records: list[bytes], name_cols: _NameColumns,
+                  damage: collections.Counter[str]) -> pd.DataFrame:
     """The events table from raw E records: integer columns in bulk, then every per-value decoding (names, comms,
     results) done once per distinct value and spread with take()."""
     import numpy as np
@@ -544,7 +544,7 @@ def _events_frame(host: str | None, offset: int, records: list[bytes], name_cols
     return _frame("events", frame)
 
 
-def _categorical(codes: "np.ndarray", values: list[Any]) -> "pd.Categorical":
+def _categorical(codes: np.ndarray, values: list[Any]) -> pd.Categorical:
     """A categorical column from per-row codes into *values* (one entry per distinct raw value; equal texts, e.g.
     two name keys that display alike, share one category; None is missing)."""
     import numpy as np
@@ -554,7 +554,7 @@ def _categorical(codes: "np.ndarray", values: list[Any]) -> "pd.Categorical":
     return pd.Categorical.from_codes(value_codes[codes], categories=categories)
 
 
-def summarize_events(events: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFrame", "pd.DataFrame"]:
+def summarize_events(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The summary, histogram and minutes tables computed from an events table (same keys as the
     in-kernel summary: host, pid, uid, comm, function, name).
 
@@ -576,7 +576,7 @@ def summarize_events(events: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFr
         "minute": events["time"].dt.floor("min")})
     keys = ["host", "pid", "uid", "comm_code", "function", "name_code"]
 
-    def grouped(extra: list[str]) -> "pd.core.groupby.DataFrameGroupBy":
+    def grouped(extra: list[str]) -> pd.core.groupby.DataFrameGroupBy:
         return work.groupby(keys + extra, observed=True, sort=False, dropna=False)
 
     summary = grouped([]).agg(lookups=("fail", "size"), failures=("fail", "sum"), first_time=("time", "min"),

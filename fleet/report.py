@@ -26,8 +26,11 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import gzip
+import multiprocessing
+import os
 import re
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -191,44 +194,62 @@ def _timestamp(value: Any) -> pd.Timestamp:
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
 
-def load(run: Run) -> Loaded:
-    """Read every host of *run*: per-key tables of those with a capture, coverage for all of them."""
-    entries = _host_entries(run)
-    summaries, histograms, minutes, coverage = [], [], [], []
-    for host in sorted(entries):
-        entry = entries[host]
-        status = entry.get("status") if entry.get("status") in STATUSES else "failed"
-        reason = entry.get("reason")
-        window = entry.get("window") if isinstance(entry.get("window"), dict) else {}
-        row = {"host": host, "status": status, "reason": reason, "window_start": _timestamp(window.get("start")),
-               "window_end": _timestamp(window.get("end")), "mode": None, "lookups": 0,
-               "lost": int(entry.get("lost") or 0), "damage": 0, "damage_kinds": None}
-        capture = None
-        if status in READABLE:
-            try:
-                capture = _read_capture_file(run, host)
-            except InputError as e:
-                row.update(damage=1, damage_kinds="unreadable", reason=f"capture unreadable: {e}")
-        if capture is not None:
-            markers = _markers(run, host)
-            summary = _reduce(capture.summary, host, markers)
-            summaries.append(summary)
-            histograms.append(_reduce(capture.histogram, host, markers))
-            minutes.append(_reduce(capture.minutes, host, markers)[["host", "process", "name", "minute", "count"]])
-            row.update(mode=capture.mode, lookups=int(summary["lookups"].sum()), lost=max(row["lost"], capture.lost),
-                       damage=sum(capture.damage.values()),
-                       damage_kinds=", ".join(f"{k} {v}" for k, v in sorted(capture.damage.items())) or None)
-            if row["window_start"] is pd.NaT and capture.header.get("start_time"):
-                row["window_start"] = _timestamp(capture.header["start_time"])
-            if row["window_end"] is pd.NaT and capture.trailer and capture.trailer.get("end_time_ns"):
-                row["window_end"] = pd.Timestamp(int(capture.trailer["end_time_ns"]), unit="ns", tz="UTC")
-        elif status in ("captured", "empty") and row["damage"] == 0:
-            row.update(damage=1, damage_kinds="missing_file", reason=reason or "no capture file in the run store")
-        # absence is provable only where the whole window was captured with nothing lost or damaged
-        row["complete"] = status in ("captured", "empty") and row["lost"] == 0 and row["damage"] == 0
-        coverage.append(row)
-    return Loaded(run, _concat(summaries, "summary"), _concat(histograms, "histogram"),
-                  _concat(minutes, "minutes"), _coverage_frame(coverage))
+def _load_host(run: Run, host: str) -> tuple[dict[str, Any], list[pd.DataFrame]]:
+    """One host: its coverage row and, when it has a readable capture, its reduced summary, histogram and
+    minutes tables (empty list otherwise). Pure function of the run store: runs in a worker process too."""
+    entry = run.manifest["hosts"][host]
+    status = entry.get("status") if entry.get("status") in STATUSES else "failed"
+    reason = entry.get("reason")
+    window = entry.get("window") if isinstance(entry.get("window"), dict) else {}
+    row = {"host": host, "status": status, "reason": reason, "window_start": _timestamp(window.get("start")),
+           "window_end": _timestamp(window.get("end")), "mode": None, "lookups": 0,
+           "lost": int(entry.get("lost") or 0), "damage": 0, "damage_kinds": None}
+    tables: list[pd.DataFrame] = []
+    capture = None
+    if status in READABLE:
+        try:
+            capture = _read_capture_file(run, host)
+        except InputError as e:
+            row.update(damage=1, damage_kinds="unreadable", reason=f"capture unreadable: {e}")
+    if capture is not None:
+        markers = _markers(run, host)
+        summary = _reduce(capture.summary, host, markers)
+        tables = [summary, _reduce(capture.histogram, host, markers),
+                  _reduce(capture.minutes, host, markers)[["host", "process", "name", "minute", "count"]]]
+        row.update(mode=capture.mode, lookups=int(summary["lookups"].sum()), lost=max(row["lost"], capture.lost),
+                   damage=sum(capture.damage.values()),
+                   damage_kinds=", ".join(f"{k} {v}" for k, v in sorted(capture.damage.items())) or None)
+        if row["window_start"] is pd.NaT and capture.header.get("start_time"):
+            row["window_start"] = _timestamp(capture.header["start_time"])
+        if row["window_end"] is pd.NaT and capture.trailer and capture.trailer.get("end_time_ns"):
+            row["window_end"] = pd.Timestamp(int(capture.trailer["end_time_ns"]), unit="ns", tz="UTC")
+    elif status in ("captured", "empty") and row["damage"] == 0:
+        row.update(damage=1, damage_kinds="missing_file", reason=reason or "no capture file in the run store")
+    # absence is provable only where the whole window was captured with nothing lost or damaged
+    row["complete"] = status in ("captured", "empty") and row["lost"] == 0 and row["damage"] == 0
+    return row, tables
+
+
+#: below this many hosts, starting worker processes costs more than it saves
+PARALLEL_MIN_HOSTS = 8
+
+
+def load(run: Run, workers: int | None = None) -> Loaded:
+    """Read every host of *run*: per-key tables of those with a capture, coverage for all of them.
+
+    Host files are parsed in ``workers`` processes (default: one per CPU, when the run has at least
+    :data:`PARALLEL_MIN_HOSTS` hosts); each worker holds one host's file at a time, so memory stays bounded.
+    """
+    hosts = sorted(_host_entries(run))
+    workers = workers or (os.cpu_count() or 1 if len(hosts) >= PARALLEL_MIN_HOSTS else 1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_load_host, [run] * len(hosts), hosts))
+    else:
+        results = [_load_host(run, host) for host in hosts]
+    per_table = [[tables[i] for _, tables in results if tables] for i in range(3)]
+    return Loaded(run, _concat(per_table[0], "summary"), _concat(per_table[1], "histogram"),
+                  _concat(per_table[2], "minutes"), _coverage_frame([row for row, _ in results]))
 
 
 def _concat(frames: list[pd.DataFrame], table: str) -> pd.DataFrame:

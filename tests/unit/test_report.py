@@ -299,3 +299,14 @@ def test_diff_appeared_disappeared_changed_not_captured():
     assert (more["lookups_a"], more["lookups_b"], more["lookups_delta"], more["failed_b"]) == (2, 9, 7, 9)
     everything = report.diff(report.load(before), report.load(after), include_same=True)
     assert "same" in set(everything["change"])
+
+
+def test_worker_processes_give_the_same_report():
+    hosts = {f"h{i:02d}": ("captured", CaptureBuilder(f"h{i:02d}").lookup(Lookup(b"db.lab", pid=i), i + 1).bytes())
+             for i in range(10)}
+    hosts["down"] = ("unreachable", None)
+    run = make_run(hosts)
+    serial, parallel = report.load(run, workers=1), report.load(run, workers=2)
+    pd.testing.assert_frame_equal(report.aggregate(serial), report.aggregate(parallel))
+    pd.testing.assert_frame_equal(serial.coverage, parallel.coverage)
+    assert report.aggregate(parallel)["lookups"].sum() == 55
