@@ -558,42 +558,39 @@ def summarize_events(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, 
     """The summary, histogram and minutes tables computed from an events table (same keys as the
     in-kernel summary: host, pid, uid, comm, function, name).
 
-    Comm and name are grouped by their exact bytes (factorized to integer codes, a NULL name its own code); the
-    display columns of each group come from its first row.
+    Comm and name group by their exact bytes. Every key column is factorized to integer codes and the codes
+    combined into one key code, so each table is one bincount over integers; the key columns of a group are
+    taken from its first row.
     """
     import numpy as np
     import pandas as pd
 
     if events.empty:
         return _frame("summary", []), _frame("histogram", []), _frame("minutes", [])
-    comm_code = pd.factorize(events["comm_bytes"], use_na_sentinel=False)[0]
-    name_code = pd.factorize(events["name_bytes"], use_na_sentinel=False)[0]
-    lat = events["latency_ns"].clip(lower=1).astype("float64").to_numpy()
-    work = pd.DataFrame({
-        "host": events["host"], "pid": events["pid"], "uid": events["uid"], "comm_code": comm_code,
-        "function": events["function"], "name_code": name_code, "fail": (~events["ok"]).astype("int64"),
-        "time": events["time"], "bucket": np.floor(np.log2(lat)).astype("int64"),
-        "minute": events["time"].dt.floor("min")})
-    keys = ["host", "pid", "uid", "comm_code", "function", "name_code"]
+    key = np.zeros(len(events), dtype=np.int64)
+    for col in ("host", "pid", "uid", "comm_bytes", "function", "name_bytes"):
+        codes, uniques = pd.factorize(events[col], use_na_sentinel=False)
+        key = pd.factorize(key * len(uniques) + codes)[0]  # re-compacted each step: never overflows
+    key_columns = [c for c in SCHEMAS["summary"] if c in _KEY]
+    time_ns = events["time"].to_numpy(dtype="datetime64[ns]").view(np.int64)
+    fail = (~events["ok"].to_numpy(dtype=bool)).astype(np.int64)
+    bucket = np.floor(np.log2(events["latency_ns"].clip(lower=1).to_numpy(dtype="float64"))).astype(np.int64)
+    minute = time_ns // 60_000_000_000
 
-    def grouped(extra: list[str]) -> pd.core.groupby.DataFrameGroupBy:
-        return work.groupby(keys + extra, observed=True, sort=False, dropna=False)
+    def groups(code: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per distinct code (compacted): the first row, the row count, and each row's group."""
+        group, _ = pd.factorize(code)
+        _, first = np.unique(group, return_index=True)
+        return first, np.bincount(group), group
 
-    summary = grouped([]).agg(lookups=("fail", "size"), failures=("fail", "sum"), first_time=("time", "min"),
-                              last_time=("time", "max")).reset_index()
-    hist = grouped(["bucket"]).size().rename("count").reset_index()
-    minutes = grouped(["minute"]).size().rename("count").reset_index()
-    # the display and byte columns of each comm / name code, from the first row that has it
-    _, comm_first = np.unique(comm_code, return_index=True)
-    _, name_first = np.unique(name_code, return_index=True)
-    comm_text = events["comm"].to_numpy(dtype=object)[comm_first]
-    comm_b = events["comm_bytes"].to_numpy(dtype=object)[comm_first]
-    name_text = events["name"].to_numpy(dtype=object)[name_first]
-    name_b = events["name_bytes"].to_numpy(dtype=object)[name_first]
-    flags = {c: events[c].to_numpy(dtype=bool)[name_first] for c in ("name_truncated", "reverse")}
-    out = []
-    for df in (summary, hist, minutes):
-        cc, nc = df.pop("comm_code").to_numpy(), df.pop("name_code").to_numpy()
-        out.append(df.assign(comm=_categorical(cc, comm_text), comm_bytes=comm_b[cc], name=_categorical(nc, name_text),
-                             name_bytes=name_b[nc], **{c: v[nc] for c, v in flags.items()}))
-    return _frame("summary", out[0]), _frame("histogram", out[1]), _frame("minutes", out[2])
+    first, lookups, group = groups(key)
+    by_time = pd.Series(time_ns).groupby(group)
+    summary = events.iloc[first][key_columns].reset_index(drop=True).assign(
+        lookups=lookups, failures=np.bincount(group, weights=fail).astype(np.int64),
+        first_time=by_time.min().to_numpy(), last_time=by_time.max().to_numpy())
+    first, counts, _ = groups(key * 64 + bucket)  # a latency in ns has fewer than 64 log2 buckets
+    hist = events.iloc[first][key_columns].reset_index(drop=True).assign(bucket=bucket[first], count=counts)
+    first, counts, _ = groups(key * (int(minute.max() - minute.min()) + 1) + (minute - minute.min()))
+    minutes = events.iloc[first][key_columns].reset_index(drop=True).assign(
+        minute=minute[first] * 60_000_000_000, count=counts)
+    return _frame("summary", summary), _frame("histogram", hist), _frame("minutes", minutes)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import gzip
 import multiprocessing
 import os
@@ -62,6 +63,7 @@ COVERAGE_SCHEMA = {"host": "string", "status": "category", "reason": "string",
 _CONTROL = {"\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
 
 
+@functools.lru_cache(maxsize=1 << 16)  # the same names and comms recur in every table and on every host
 def escape_bytes(data: bytes | None) -> str | None:
     """Bytes (a name, a comm) as one line of printable text that maps back to exactly those bytes.
 
