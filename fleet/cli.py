@@ -77,6 +77,8 @@ Example:
 
 #: ``--csv`` / ``--json`` given without a value
 DEFAULT_PATH = "\0default"
+#: rows of a table shown on the terminal (files get every row)
+TERMINAL_ROWS = 50
 
 
 def _by_option(default: str):
@@ -140,8 +142,7 @@ def report_command(run_id: str | None, by: str, names: tuple[str, ...], hosts: t
     if html_path:
         by_name = report.aggregate(loaded, ["name"], filters)
         render.write_html(html_path, run_id=run.id, coverage=coverage, table=table, by_name=by_name,
-                          minutes=loaded.minutes[filters.mask(loaded.minutes)] if len(loaded.minutes)
-                          else loaded.minutes, histogram=loaded.histogram)
+                          minutes=filters.apply(loaded.minutes), histogram=filters.apply(loaded.histogram))
         written.append(html_path)
     console = err if to_stdout else out
     if not to_stdout:
@@ -153,9 +154,6 @@ def report_command(run_id: str | None, by: str, names: tuple[str, ...], hosts: t
     for path in written:
         err.print(f"wrote {path}", markup=False)
     _warn_incomplete(coverage)
-
-
-TERMINAL_ROWS = 50
 
 
 def _warn_incomplete(coverage) -> None:
@@ -201,15 +199,14 @@ def diff_command(run_a: str, run_b: str, by: str, include_same: bool, csv_path: 
         title = f"changes from {a.run.id} to {b.run.id}: " + ", ".join(
             f"{n} {c}" for c, n in counts.items() if n)
         out.print(render.rich_table(table.head(TERMINAL_ROWS), title if len(table) else title + "none"))
-    _warn_incomplete(pd_concat_coverage(a, b))
+    _warn_incomplete(_both_coverages(a, b))
 
 
-def pd_concat_coverage(a, b):
+def _both_coverages(a, b):
     """Both runs' coverage rows, host names prefixed by their run, for the incompleteness note."""
     import pandas as pd
 
-    return pd.concat([c.assign(host=f"{run.id}:" + c["host"]) for run, c in ((a.run, a.coverage),
-                                                                                (b.run, b.coverage))])
+    return pd.concat([x.coverage.assign(host=f"{x.run.id}:" + x.coverage["host"]) for x in (a, b)])
 
 
 @cli.command("check", context_settings=CONTEXT)

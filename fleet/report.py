@@ -292,6 +292,10 @@ class Filters:
     processes: Sequence[str] = ()
     failed_only: bool = False
 
+    def apply(self, df: pd.DataFrame) -> pd.DataFrame:
+        """The rows of *df* (a table with host, process and name columns) that pass the glob filters."""
+        return df[self.mask(df)] if len(df) else df
+
     def mask(self, df: pd.DataFrame) -> pd.Series:
         keep = pd.Series(True, index=df.index)
         for col, globs, fold in (("name", self.names, True), ("host", self.hosts, False),
@@ -355,8 +359,7 @@ def aggregate(loaded: Loaded, by: Sequence[str] = DEFAULT_BY, filters: Filters |
     """The report table (columns in the module docstring), filtered, grouped by *by*, sorted by lookups."""
     by = list(by)
     filters = filters or Filters()
-    summary = loaded.summary[filters.mask(loaded.summary)] if len(loaded.summary) else loaded.summary
-    histogram = loaded.histogram[filters.mask(loaded.histogram)] if len(loaded.histogram) else loaded.histogram
+    summary, histogram = filters.apply(loaded.summary), filters.apply(loaded.histogram)
     aggs: dict[str, tuple[str, str]] = {}
     if "host" not in by:
         aggs["hosts"] = ("host", "nunique")
