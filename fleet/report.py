@@ -2,10 +2,10 @@
 take effect everywhere (check).
 
 Input is the run store (``fleet/store.py``): the manifest's per-host status plus ``raw/HOST.capture[.gz]``. Each
-host file is parsed on its own (:func:`fleet.capture_format.parse_capture`) and reduced at once to its per-key
-tables (summary, latency histogram, minutes), so memory grows with the number of distinct (host, process, name)
-keys, not with the raw files; a run larger than memory still reports. Events- and summary-mode captures give the
-same tables, so they merge into one shape.
+host file is parsed on its own (:func:`fleet.capture_format.parse_capture`, in worker processes) and reduced at
+once to its per-key tables (summary, latency histogram, minutes), so memory grows with the number of distinct
+(host, process, name) keys, not with the raw files; a run larger than memory still reports. Events- and
+summary-mode captures give the same tables, so they merge into one shape.
 
 Tables (pandas, dtypes from :data:`KEYS_SCHEMA` and :data:`AGG_SCHEMA`):
 
