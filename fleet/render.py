@@ -14,9 +14,12 @@ Files are written private (0600, ``fleet/private.py``); ``-`` means stdout.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import html
+import io
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -70,10 +73,20 @@ def as_text_table(table: pd.DataFrame, *, csv_safe: bool) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------------------- files
 
-def _open(dest: str | Path, mode: str) -> tuple[IO, bool]:
+@contextlib.contextmanager
+def _text_out(dest: str | Path) -> Iterator[IO[str]]:
+    """A UTF-8 text stream to *dest* (a private file) or, for ``-``, to stdout — UTF-8 whatever the locale."""
     if str(dest) == "-":
-        return (sys.stdout.buffer if "b" in mode else sys.stdout), False
-    return open_private(dest, mode), True
+        sys.stdout.flush()
+        stream = io.TextIOWrapper(sys.stdout.buffer, encoding="utf-8", newline="")
+        try:
+            yield stream
+        finally:
+            stream.flush()
+            stream.detach()  # leave sys.stdout open
+    else:
+        with open_private(dest, "wb") as raw, io.TextIOWrapper(raw, encoding="utf-8", newline="") as stream:
+            yield stream
 
 
 def _csv_cells(col: pd.Series) -> np.ndarray:
@@ -88,26 +101,16 @@ def write_csv(table: pd.DataFrame, dest: str | Path) -> None:
     """RFC 4180 CSV (minimal quoting, quotes doubled), one column at a time into the csv module's C writer
     (pandas' to_csv is several times slower on categorical and nullable columns)."""
     text = as_text_table(table, csv_safe=True)
-    f, close = _open(dest, "w")
-    try:
+    with _text_out(dest) as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(text.columns)
         writer.writerows(zip(*(_csv_cells(col) for _, col in text.items()), strict=True))
-        f.flush()
-    finally:
-        if close:
-            f.close()
 
 
 def write_json(table: pd.DataFrame, dest: str | Path) -> None:
-    f, close = _open(dest, "w")
-    try:
-        text = as_text_table(table, csv_safe=False).to_json(orient="records", force_ascii=False, indent=1)
+    text = as_text_table(table, csv_safe=False).to_json(orient="records", force_ascii=False, indent=1)
+    with _text_out(dest) as f:
         f.write(text + "\n")
-        f.flush()
-    finally:
-        if close:
-            f.close()
 
 
 def write_parquet(table: pd.DataFrame, dest: str | Path) -> None:
@@ -254,7 +257,7 @@ def write_html(dest: str | Path, *, run_id: str, coverage: pd.DataFrame, table: 
 <h2>Report</h2>{_html_table(table.head(500))}
 </body></html>
 """
-    with open_private(dest, "w") as f:
+    with _text_out(dest) as f:
         f.write(page)
 
 

@@ -60,6 +60,19 @@ def test_report_latest_run_by_default_and_csv_to_stdout_only():
     assert table["failed"].sum() == 3
 
 
+def test_csv_and_json_on_stdout_are_utf8_whatever_the_locale():
+    name = "bücher\u2028.de".encode()
+    run = make_run({"h1": ("captured", CaptureBuilder("h1").lookup(Lookup(name, comm=b"\xffx")).bytes())})
+    env = {"PYTHONIOENCODING": "ascii", "LC_ALL": "C"}
+    csv_out = fleetdns("report", run.id, "--csv", "-", env=env)
+    assert csv_out.returncode == 0, csv_out.stderr
+    assert csv_out.stdout.splitlines()[1].startswith("h1,\\xffx,100,bücher\\u2028.de,1,")
+    json_out = fleetdns("report", run.id, "--json", "-", env=env)
+    assert json_out.returncode == 0, json_out.stderr
+    record = json.loads(json_out.stdout)[0]
+    assert (record["name"], record["process"]) == ("bücher\\u2028.de", "\\xffx")
+
+
 def test_report_default_csv_path_is_in_the_run_and_private():
     run = two_host_run()
     proc = fleetdns("report", run.id, "--csv", "--json")
