@@ -26,7 +26,7 @@ from typing import IO
 import numpy as np
 import pandas as pd
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from fleet.private import open_private
@@ -139,14 +139,15 @@ HEADINGS = {"host": "Host", "process": "Process", "pid": "PID", "name": "Name", 
 
 def rich_table(table: pd.DataFrame, title: str, headings: dict[str, str] | None = None) -> Table:
     headings = {**HEADINGS, **(headings or {})}
-    out = Table(*(headings.get(c, c) for c in table.columns), title=title)
+    out = Table(*(Column(headings.get(c, c), overflow="fold") for c in table.columns), title=title)
     for row in table.itertuples(index=False, name=None):  # display only: a bounded number of rows
         out.add_row(*(_cell(v) for v in row))
     return out
 
 
 def coverage_table(coverage: pd.DataFrame, title: str) -> Table:
-    out = Table("Host", "Status", "Window (UTC)", "Lookups", "Lost", "Damage", "Complete", "Reason", title=title)
+    out = Table(*(Column(h, overflow="fold") for h in ("Host", "Status", "Window (UTC)", "Lookups", "Lost", "Damage",
+                                                       "Complete", "Reason")), title=title)
     for r in coverage.itertuples(index=False):
         start = "?" if r.window_start is pd.NaT else r.window_start.strftime("%Y-%m-%d %H:%M:%S")
         end = "?" if r.window_end is pd.NaT else r.window_end.strftime("%H:%M:%S")
@@ -159,6 +160,9 @@ def coverage_table(coverage: pd.DataFrame, title: str) -> Table:
 
 
 def print_tables(console: Console, *tables: Table) -> None:
+    """Print tables; into a pipe or file at full width (a terminal's width would fold every long name)."""
+    if not console.is_terminal:
+        console = Console(file=console.file, highlight=False, soft_wrap=True, width=250)
     for t in tables:
         console.print(t)
 
