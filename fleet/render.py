@@ -189,7 +189,8 @@ def _html_table(df: pd.DataFrame) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _bars(labels: list[str], values: list[float], *, failed: list[float] | None = None, width: int = 720) -> str:
+def _bars(labels: list[str], values: list[float], *, failed: list[float] | None = None, color: str = "#1f77b4",
+          width: int = 720) -> str:
     """Horizontal bars (an inline SVG), optionally with the failed share in red."""
     if not values:
         return '<p class="note">nothing to plot</p>'
@@ -200,7 +201,7 @@ def _bars(labels: list[str], values: list[float], *, failed: list[float] | None 
         y = i * row
         w = (width - label_w - 70) * v / top
         parts.append(f'<text x="{label_w - 6}" y="{y + 13}" text-anchor="end" font-size="12">{_e(label[:40])}</text>'
-                     f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row - 6}" fill="#1f77b4"/>')
+                     f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row - 6}" fill="{color}"/>')
         if failed:
             fw = (width - label_w - 70) * failed[i] / top
             parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{fw:.1f}" height="{row - 6}" fill="#d62728"/>')
@@ -221,6 +222,7 @@ def _lines(minutes: pd.DataFrame, width: int = 720, height: int = 240) -> str:
     pad, legend_w = 40, 140
     plot_w = width - pad - legend_w
     parts = [f'<text x="4" y="14" font-size="11">{top:g}/min</text>',
+             f'<text x="4" y="{height - 24}" font-size="11">0</text>',
              f'<text x="{pad}" y="{height - 4}" font-size="11">{_e(t0.strftime("%Y-%m-%d %H:%M"))} UTC</text>',
              f'<text x="{pad + plot_w}" y="{height - 4}" font-size="11" text-anchor="end">'
              f'{_e(t1.strftime("%H:%M"))}</text>']
@@ -255,7 +257,8 @@ def write_html(dest: str | Path, *, run_id: str, coverage: pd.DataFrame, table: 
 <h2>Lookups over time, per host</h2>{_lines(minutes)}
 <h2>Top names</h2><p class="note">lookups; failed in red</p>
 {_bars(list(top["name"].astype(str)), [float(v) for v in top["lookups"]], failed=[float(v) for v in top["failed"]])}
-<h2>Failures by name</h2>{_bars(list(failing["name"].astype(str)), [float(v) for v in failing["failed"]])}
+<h2>Failures by name</h2>
+{_bars(list(failing["name"].astype(str)), [float(v) for v in failing["failed"]], color="#d62728")}
 <h2>Latency distribution</h2><p class="note">lookups per latency band (log2 buckets), all hosts</p>
 {_bars(bucket_labels, [float(v) for v in per_bucket.to_numpy()])}
 <h2>Report</h2>{_html_table(table.head(500))}
