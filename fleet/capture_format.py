@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from fleet.errors import InputError
 
 if TYPE_CHECKING:  # pandas is only needed to read; hosts writing captures may not have it
+    import numpy as np
     import pandas as pd
 
 FORMAT = "fleetdns-capture"
@@ -169,10 +170,10 @@ class Capture:
 
     header: dict[str, Any]
     trailer: dict[str, Any] | None
-    events: "pd.DataFrame"
-    summary: "pd.DataFrame"
-    histogram: "pd.DataFrame"
-    minutes: "pd.DataFrame"
+    events: pd.DataFrame
+    summary: pd.DataFrame
+    histogram: pd.DataFrame
+    minutes: pd.DataFrame
     lost: int
     damage: dict[str, int]
 
@@ -181,7 +182,7 @@ class Capture:
         return self.header.get("mode", "events")
 
 
-def _frame(table: str, rows: "list[dict[str, Any]] | pd.DataFrame") -> "pd.DataFrame":
+def _frame(table: str, rows: list[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     """Build one table from rows (or a frame), in the column order and dtypes of SCHEMAS[table]."""
     import pandas as pd
 
@@ -189,7 +190,10 @@ def _frame(table: str, rows: "list[dict[str, Any]] | pd.DataFrame") -> "pd.DataF
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows, columns=list(schema))
     out = {}
     for col, dtype in schema.items():
-        if dtype.startswith("datetime64"):
+        current = df[col].dtype
+        if str(current) == dtype or (dtype == "category" and isinstance(current, pd.CategoricalDtype)):
+            out[col] = df[col]  # already right: skip the copy
+        elif dtype.startswith("datetime64"):
             if isinstance(df[col].dtype, pd.DatetimeTZDtype):
                 out[col] = df[col].dt.tz_convert("UTC").astype(dtype)
             else:  # integer epoch ns (None for unknown)
@@ -279,22 +283,34 @@ def parse_capture(source: bytes | str | os.PathLike[str]) -> Capture:
         except OSError as e:
             raise InputError(f"cannot read capture {os.fspath(source)}: {e.strerror}") from None
     data: bytes = source
-    lines = data.split(b"\n")
     damage: collections.Counter[str] = collections.Counter()
-    if lines and lines[-1] == b"":
-        lines.pop()
-    elif lines:
-        damage["truncated_line"] += 1
-        lines.pop()
-    if not lines:
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        damage["truncated_line"] += 1  # the last line has no newline: cut off mid-write
+    if end == 0:
         raise InputError("empty capture (no header line)")
-    header = _read_header(lines[0])
+    view = memoryview(data)[:end]  # slices of a memoryview copy nothing; re reads it as bytes
+    first = data.find(b"\n")
+    header = _read_header(data[:first])
     host = header.get("host")
     offset = int(header.get("wall_offset_ns", 0))
+    body = view[first + 1:]
 
     trailer = None
+    for m in _T_RE.finditer(body):
+        try:
+            value = json.loads(m.group(1))
+        except ValueError:
+            continue  # left in the body: counted as bad_record below
+        if isinstance(value, dict):
+            trailer = value
+            damage["after_trailer"] += body[m.end() + 1:].tobytes().count(b"\n")
+            body = body[:m.start()]
+            break
+    # E records are most of a capture: matched in C here and parsed in bulk; the rest goes line by line
+    events: list[bytes] = _E_RE.findall(body)
+    lines = _OTHER_RE.findall(body[:-1]) if len(body) else []
     lost = 0
-    events: list[list[int]] = []
     names = _Names()
     snapshot: list[list[Any]] | None = None
     snapshot_kind = ""
@@ -302,17 +318,12 @@ def parse_capture(source: bytes | str | os.PathLike[str]) -> Capture:
     cut_snapshot = False
     minute_rows: list[list[Any]] = []
 
-    for line in lines[1:]:
-        if trailer is not None:
-            damage["after_trailer"] += 1
-            continue
+    for line in lines:
         kind, _, rest = line.partition(b" ")
         fields = rest.split(b" ")
         try:
-            if kind == b"E":
-                if len(fields) != 11:
-                    raise ValueError
-                events.append([int(x) for x in fields])
+            if kind in (b"E", b"T"):  # an E record without fields, a trailer that is not a JSON object
+                raise ValueError
             elif kind == b"N":
                 if len(fields) != 5:
                     raise ValueError
@@ -344,11 +355,6 @@ def parse_capture(source: bytes | str | os.PathLike[str]) -> Capture:
                 if len(fields) != 1:
                     raise ValueError
                 lost += int(fields[0])
-            elif kind == b"T":
-                value = json.loads(rest)
-                if not isinstance(value, dict):
-                    raise ValueError
-                trailer = value
             elif kind == b"B":
                 int(fields[0])
             elif kind == b"W":
@@ -365,14 +371,7 @@ def parse_capture(source: bytes | str | os.PathLike[str]) -> Capture:
         lost = max(lost, int(trailer.get("lost", 0) or 0))
 
     name_cols = _NameColumns(names, damage)
-    ev_rows = []
-    for t0, pid, tid, uid, fid, rc, herr, lat, key, c0, c1 in events:
-        result = result_name(fid, rc, herr)
-        ev_rows.append({
-            "time": t0 + offset, "boot_ns": t0, "host": host, "pid": pid, "tid": tid, "uid": uid,
-            **_comm_columns(c0, c1), "function": FUNCTIONS.get(fid, f"fn{fid}"), **name_cols(key % 2**64),
-            "result": result, "ok": result == "OK", "rc": rc, "herr": herr, "latency_ns": lat})
-    events_df = _frame("events", ev_rows)
+    events_df = _events_frame(host, offset, events, name_cols, damage)
 
     if header.get("mode") == "summary":
         summary_df, hist_df, minutes_df = _summary_tables(host, snapshots, minute_rows, name_cols, offset)
@@ -382,6 +381,9 @@ def parse_capture(source: bytes | str | os.PathLike[str]) -> Capture:
                    {k: v for k, v in damage.items() if v})
 
 
+_E_RE = re.compile(rb"^E (.*)$", re.M)
+_T_RE = re.compile(rb"^T (.*)$", re.M)
+_OTHER_RE = re.compile(rb"^(?!E ).*$", re.M)
 _SUMMARY_FIELDS = {b"X": 2, b"A": 1, b"Z": 1, b"F": 3, b"M": 2}  # numbers after the 6 key fields
 
 
@@ -417,30 +419,178 @@ def _summary_tables(host, snapshots, minute_rows, name_cols, offset):
     return _frame("summary", summary_rows), _frame("histogram", hist_rows), _frame("minutes", minute_out)
 
 
-def summarize_events(events: "pd.DataFrame") -> tuple["pd.DataFrame", "pd.DataFrame", "pd.DataFrame"]:
-    """The summary, histogram and minutes tables computed from an events table (same keys as the
-    in-kernel summary: host, pid, uid, comm, function, name)."""
-    import numpy as np
+_E_COLUMNS = ["t0", "pid", "tid", "uid", "fid", "rc", "herr", "latency_ns", "namekey", "comm0", "comm1"]
+#: name key and comm halves are u64 that may be printed signed or unsigned: read as text, decoded once per value
+_E_TEXT = ("namekey", "comm0", "comm1")
 
-    keys = list(_KEY)
+
+def _read_e_records(records: list[bytes], damage: collections.Counter[str]) -> pd.DataFrame:
+    """E record fields (after the type) → a frame of int64 columns and text u64 columns, by pyarrow's CSV
+    reader in one pass. Records with another field count or an empty field are dropped and counted as
+    ``bad_record``; a non-integer field makes the whole batch be re-read without the bad records."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    wrong_count = 0
+
+    def skip(_row) -> str:
+        nonlocal wrong_count
+        wrong_count += 1
+        return "skip"
+
+    text = pa.dictionary(pa.int32(), pa.string())  # few distinct values: arrive as pandas categoricals
+    types = {c: (text if c in _E_TEXT else pa.int64()) for c in _E_COLUMNS}
+    read = pacsv.ReadOptions(column_names=_E_COLUMNS, block_size=1 << 24)
+    parse = pacsv.ParseOptions(delimiter=" ", quote_char=False, escape_char=False, invalid_row_handler=skip)
+    convert = pacsv.ConvertOptions(column_types=types, strings_can_be_null=True)
+    try:
+        table = pacsv.read_csv(pa.py_buffer(b"\n".join(records) + b"\n"), read, parse, convert)
+    except pa.ArrowInvalid:
+        good = [r for r in records if _int_fields(r)]
+        damage["bad_record"] += len(records) - len(good)
+        wrong_count = 0
+        table = pacsv.read_csv(pa.py_buffer(b"\n".join(good) + b"\n"), read, parse, convert) if good else None
+    damage["bad_record"] += wrong_count
+    if table is None:
+        return _empty_e_records()
+    null = pc.or_(pc.is_null(table[_E_COLUMNS[0]]), pc.is_null(table[_E_COLUMNS[1]]))
+    for column in _E_COLUMNS[2:]:
+        null = pc.or_(null, pc.is_null(table[column]))
+    bad = pc.sum(null).as_py() or 0
+    if bad:
+        damage["bad_record"] += bad
+        table = table.filter(pc.invert(null))
+    return table.to_pandas()
+
+
+def _int_fields(record: bytes) -> bool:
+    fields = record.split(b" ")
+    try:
+        for x in fields:
+            int(x)
+    except ValueError:
+        return len(fields) != len(_E_COLUMNS)  # a wrong count is skipped (and counted) by the reader itself
+    return True
+
+
+def _empty_e_records() -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame({c: pd.Series(dtype="category" if c in _E_TEXT else "int64") for c in _E_COLUMNS})
+
+
+def _u64_codes(text: pd.Series) -> tuple[np.ndarray, list[int | None]]:
+    """Codes of a categorical text column and its categories as u64 (None where not an integer)."""
+    values = []
+    for u in text.cat.categories:
+        try:
+            values.append(int(u) % 2**64)
+        except ValueError:
+            values.append(None)
+    return text.cat.codes.to_numpy(), values
+
+
+def _events_frame(host: str | None, offset: int, records: list[bytes], name_cols: _NameColumns,
+                  damage: collections.Counter[str]) -> pd.DataFrame:
+    """The events table from raw E records: integer columns in bulk, then every per-value decoding (names, comms,
+    results) done once per distinct value and spread with take()."""
+    import numpy as np
+    import pandas as pd
+
+    if not records:
+        return _frame("events", [])
+    raw = _read_e_records(records, damage)
+    key_codes, keys = _u64_codes(raw["namekey"])
+    c0_codes, c0s = _u64_codes(raw["comm0"])
+    c1_codes, c1s = _u64_codes(raw["comm1"])
+    bad = (np.asarray([k is None for k in keys], dtype=bool)[key_codes]
+           | np.asarray([c is None for c in c0s], dtype=bool)[c0_codes]
+           | np.asarray([c is None for c in c1s], dtype=bool)[c1_codes])
+    if bad.any():
+        damage["bad_record"] += int(bad.sum())
+        keep = ~bad
+        raw, key_codes, c0_codes, c1_codes = raw[keep], key_codes[keep], c0_codes[keep], c1_codes[keep]
+    if raw.empty:
+        return _frame("events", [])
+    # names: one column dict per distinct key
+    per_key = [name_cols(k) if k is not None else {} for k in keys]
+    name_bytes = np.empty(len(keys), dtype=object)
+    name_bytes[:] = [d.get("name_bytes") for d in per_key]
+    # comms: one decoding per distinct (comm0, comm1) pair
+    pair_codes, pairs = pd.factorize(c0_codes.astype(np.int64) * len(c1s) + c1_codes)
+    comm_b = np.empty(len(pairs), dtype=object)
+    comm_b[:] = [comm_bytes(c0s[p // len(c1s)], c1s[p % len(c1s)]) for p in pairs.tolist()]
+    # results: one result_name() per distinct (fid, rc, herr), the three factorized and combined into one code
+    parts = [pd.factorize(raw[c]) for c in ("fid", "rc", "herr")]
+    n_rc, n_herr = len(parts[1][1]), len(parts[2][1])
+    res_codes, res_keys = pd.factorize((parts[0][0].astype(np.int64) * n_rc + parts[1][0]) * n_herr + parts[2][0])
+    res_names = [result_name(int(parts[0][1][k // (n_rc * n_herr)]), int(parts[1][1][k // n_herr % n_rc]),
+                             int(parts[2][1][k % n_herr])) for k in res_keys.tolist()]
+    fid_codes, fids = parts[0]
+    n = len(raw)
+    frame = pd.DataFrame({
+        "time": raw["t0"].to_numpy() + offset, "boot_ns": raw["t0"].to_numpy(),
+        "host": _categorical(np.zeros(n, dtype=np.int64), [host]),
+        "pid": raw["pid"].to_numpy(), "tid": raw["tid"].to_numpy(), "uid": raw["uid"].to_numpy(),
+        "comm": _categorical(pair_codes, [display_bytes(c) for c in comm_b]), "comm_bytes": comm_b[pair_codes],
+        "function": _categorical(fid_codes, [FUNCTIONS.get(int(f), f"fn{f}") for f in fids]),
+        "name": _categorical(key_codes, [d.get("name") for d in per_key]), "name_bytes": name_bytes[key_codes],
+        "name_truncated": np.asarray([bool(d.get("name_truncated")) for d in per_key])[key_codes],
+        "reverse": np.asarray([bool(d.get("reverse")) for d in per_key])[key_codes],
+        "result": _categorical(res_codes, res_names),
+        "ok": np.asarray([r == "OK" for r in res_names], dtype=bool)[res_codes],
+        "rc": raw["rc"].to_numpy(), "herr": raw["herr"].to_numpy(), "latency_ns": raw["latency_ns"].to_numpy()})
+    return _frame("events", frame)
+
+
+def _categorical(codes: np.ndarray, values: list[Any]) -> pd.Categorical:
+    """A categorical column from per-row codes into *values* (one entry per distinct raw value; equal texts, e.g.
+    two name keys that display alike, share one category; None is missing)."""
+    import numpy as np
+    import pandas as pd
+
+    value_codes, categories = pd.factorize(np.asarray(values, dtype=object))
+    return pd.Categorical.from_codes(value_codes[codes], categories=categories)
+
+
+def summarize_events(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The summary, histogram and minutes tables computed from an events table (same keys as the
+    in-kernel summary: host, pid, uid, comm, function, name).
+
+    Comm and name group by their exact bytes. Every key column is factorized to integer codes and the codes
+    combined into one key code, so each table is one bincount over integers; the key columns of a group are
+    taken from its first row.
+    """
+    import numpy as np
+    import pandas as pd
+
     if events.empty:
         return _frame("summary", []), _frame("histogram", []), _frame("minutes", [])
-    ev = events.assign(
-        name_bytes=events["name_bytes"].map(lambda b: b if b is not None else b"\0null"),
-        comm_bytes=events["comm_bytes"].map(bytes))
-    by_bytes = ["host", "pid", "uid", "comm_bytes", "function", "name_bytes"]
-    first_of = ev.groupby(by_bytes, observed=True, sort=False, dropna=False)
-    summary = first_of.agg(
-        comm=("comm", "first"), name=("name", "first"), name_truncated=("name_truncated", "first"),
-        reverse=("reverse", "first"), lookups=("ok", "size"), failures=("ok", lambda s: int((~s).sum())),
-        first_time=("time", "min"), last_time=("time", "max")).reset_index()
-    lat = ev["latency_ns"].clip(lower=1).astype("float64")
-    ev = ev.assign(bucket=np.floor(np.log2(lat)).astype("int64"), minute=ev["time"].dt.floor("min"))
-    other = ["comm", "name", "name_truncated", "reverse"]
-    hist = ev.groupby(by_bytes + ["bucket"], observed=True, sort=False, dropna=False).agg(
-        **{c: (c, "first") for c in other}, count=("ok", "size")).reset_index()
-    minutes = ev.groupby(by_bytes + ["minute"], observed=True, sort=False, dropna=False).agg(
-        **{c: (c, "first") for c in other}, count=("ok", "size")).reset_index()
-    for df in (summary, hist, minutes):
-        df["name_bytes"] = df["name_bytes"].map(lambda b: None if b == b"\0null" else b)
+    key = np.zeros(len(events), dtype=np.int64)
+    for col in ("host", "pid", "uid", "comm_bytes", "function", "name_bytes"):
+        codes, uniques = pd.factorize(events[col], use_na_sentinel=False)
+        key = pd.factorize(key * len(uniques) + codes)[0]  # re-compacted each step: never overflows
+    key_columns = [c for c in SCHEMAS["summary"] if c in _KEY]
+    time_ns = events["time"].to_numpy(dtype="datetime64[ns]").view(np.int64)
+    fail = (~events["ok"].to_numpy(dtype=bool)).astype(np.int64)
+    bucket = np.floor(np.log2(events["latency_ns"].clip(lower=1).to_numpy(dtype="float64"))).astype(np.int64)
+    minute = time_ns // 60_000_000_000
+
+    def groups(code: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per distinct code (compacted): the first row, the row count, and each row's group."""
+        group, _ = pd.factorize(code)
+        _, first = np.unique(group, return_index=True)
+        return first, np.bincount(group), group
+
+    first, lookups, group = groups(key)
+    by_time = pd.Series(time_ns).groupby(group)
+    summary = events.iloc[first][key_columns].reset_index(drop=True).assign(
+        lookups=lookups, failures=np.bincount(group, weights=fail).astype(np.int64),
+        first_time=by_time.min().to_numpy(), last_time=by_time.max().to_numpy())
+    first, counts, _ = groups(key * 64 + bucket)  # a latency in ns has fewer than 64 log2 buckets
+    hist = events.iloc[first][key_columns].reset_index(drop=True).assign(bucket=bucket[first], count=counts)
+    first, counts, _ = groups(key * (int(minute.max() - minute.min()) + 1) + (minute - minute.min()))
+    minutes = events.iloc[first][key_columns].reset_index(drop=True).assign(
+        minute=minute[first] * 60_000_000_000, count=counts)
     return _frame("summary", summary), _frame("histogram", hist), _frame("minutes", minutes)

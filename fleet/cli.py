@@ -15,7 +15,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from fleet.errors import ExitCode, FleetError, HostsFailed, NotImplementedYet, UsageError
+from fleet.errors import (CheckUnproven, CheckViolated, ExitCode, FleetError, HostsFailed, NotImplementedYet,
+                          UsageError)
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -39,8 +40,8 @@ def cli() -> None:
     Try it on a local fleet of real SSH hosts:
       fleetdns lab up --hosts 3 && fleetdns lab ping && fleetdns lab down
 
-    Exit codes: 0 ok, 1 some hosts failed, 2 usage, 3 bad input, 4 environment, 5 lab failed, 70 internal error,
-    130 interrupted (docs/exit-codes.md).
+    Exit codes: 0 ok, 1 some hosts failed, 2 usage, 3 bad input, 4 environment, 5 lab failed, 6 check unproven,
+    70 internal error, 130 interrupted (docs/exit-codes.md).
     """
 
 
@@ -73,22 +74,184 @@ pending("runs", """List the runs in the local run store, newest first.
 \b
 Example:
   fleetdns runs""")
-pending("report", """Merge every host's capture of RUN into one report: table, CSV, JSON, Parquet or HTML.
+# ---- report / diff / check ------------------------------------------------------------------------------------
 
-\b
-Examples:
-  fleetdns report --csv
-  fleetdns report 20261125T213000Z --by name --failed""")
-pending("diff", """What appeared, disappeared or changed between two runs (before and after a change).
+#: ``--csv`` / ``--json`` given without a value
+DEFAULT_PATH = "\0default"
+#: rows of a table shown on the terminal (files get every row)
+TERMINAL_ROWS = 50
 
-\b
-Example:
-  fleetdns diff 20261124T090000Z 20261125T090000Z""")
-pending("check", """Verify a change: exit 0 when no host resolved an --absent name, 1 when one did.
 
-\b
-Example:
-  fleetdns check --absent 'old-db.*' --present new-db.example.com""")
+def _by_option(default: str):
+    return click.option("--by", "by", metavar="KEYS", default=default, show_default=True,
+                        help="Group by these comma-separated keys: host, process, pid, name, function.")
+
+
+@cli.command("report", context_settings=CONTEXT)
+@click.argument("run_id", metavar="[RUN]", required=False)
+@_by_option("host,process,pid,name")
+@click.option("--name", "names", metavar="GLOB", multiple=True, help="Only names matching GLOB (any case; repeat).")
+@click.option("--host", "hosts", metavar="GLOB", multiple=True, help="Only hosts matching GLOB (repeat).")
+@click.option("--process", "processes", metavar="GLOB", multiple=True, help="Only processes matching GLOB (repeat).")
+@click.option("--failed", "failed_only", is_flag=True, help="Only rows with failed lookups.")
+@click.option("--top", type=click.IntRange(min=1), metavar="N", help="Only the N rows with the most lookups.")
+@click.option("--csv", "csv_path", metavar="[PATH|-]", is_flag=False, flag_value=DEFAULT_PATH,
+              help="Write CSV to PATH (default reports/RUN/dns-report.csv; '-': stdout, nothing else there).")
+@click.option("--json", "json_path", metavar="[PATH|-]", is_flag=False, flag_value=DEFAULT_PATH,
+              help="Write JSON records to PATH (default reports/RUN/dns-report.json; '-': stdout).")
+@click.option("--parquet", "parquet_path", metavar="PATH", help="Write Parquet to PATH.")
+@click.option("--html", "html_path", metavar="PATH", help="Write a self-contained HTML page with plots to PATH.")
+def report_command(run_id: str | None, by: str, names: tuple[str, ...], hosts: tuple[str, ...],
+                   processes: tuple[str, ...], failed_only: bool, top: int | None, csv_path: str | None,
+                   json_path: str | None, parquet_path: str | None, html_path: str | None) -> None:
+    """Merge every host's capture of RUN (default: the newest run) into one report.
+
+    First the coverage of every host (status, window, lookups, lost events, damage: a host that was not
+    captured is said so, never read as "no lookups"), then one row per host, process, pid and name: lookups,
+    failed, p50/p95 latency (ms, from log2 histograms), first and last time. Names and processes are shown
+    with odd bytes escaped (docs/report.md). Options come after RUN.
+
+    \b
+    Examples:
+      fleetdns report
+      fleetdns report 20261125T213000Z --csv
+      fleetdns report --csv - | column -ts,
+      fleetdns report --by name --failed --top 20
+      fleetdns report --name '*.internal' --host 'web*' --json out.json --html out.html
+    """
+    from fleet import render, report, store
+
+    run = store.open_run(run_id)
+    by_keys = report.parse_by(by)
+    filters = report.Filters(names, hosts, processes, failed_only)
+    coverage, table, loaded = report.build(run, by_keys, filters, top)
+    to_stdout = "-" in (csv_path, json_path)
+    if csv_path == "-" and json_path == "-":
+        raise UsageError("only one of --csv and --json can write to stdout")
+    written = []
+    for path, default, write in ((csv_path, "dns-report.csv", render.write_csv),
+                                 (json_path, "dns-report.json", render.write_json),
+                                 (parquet_path, None, render.write_parquet)):
+        if path is None:
+            continue
+        if path == "-" and write is render.write_parquet:
+            raise UsageError("--parquet needs a file path")
+        target = run.path / default if path == DEFAULT_PATH else path
+        write(table, target)
+        if target != "-":
+            written.append(target)
+    if html_path:
+        by_name = report.aggregate(loaded, ["name"], filters)
+        render.write_html(html_path, run_id=run.id, coverage=coverage, table=table, by_name=by_name,
+                          minutes=filters.apply(loaded.minutes), histogram=filters.apply(loaded.histogram))
+        written.append(html_path)
+    console = err if to_stdout else out
+    if not to_stdout:
+        shown = table.head(top or TERMINAL_ROWS)
+        render.print_tables(console, render.coverage_table(coverage, f"coverage of run {run.id}"),
+                            render.rich_table(shown, f"DNS lookups, run {run.id}"))
+        if len(table) > len(shown):
+            err.print(f"{len(table) - len(shown)} more rows (--top N, --csv or --json for all)", markup=False)
+    for path in written:
+        err.print(f"wrote {path}", markup=False)
+    _warn_incomplete(coverage)
+
+
+def _warn_incomplete(coverage) -> None:
+    incomplete = coverage[~coverage["complete"].fillna(False).astype(bool)]
+    if len(incomplete):
+        hosts = ", ".join(f"{h} ({s})" for h, s in zip(incomplete["host"], incomplete["status"], strict=True))
+        err.print(f"fleetdns: note: {len(incomplete)} of {len(coverage)} hosts not completely captured: {hosts}",
+                  markup=False)
+
+
+@cli.command("diff", context_settings=CONTEXT)
+@click.argument("run_a", metavar="RUN_A")
+@click.argument("run_b", metavar="RUN_B")
+@_by_option("host,process,name")
+@click.option("--all", "include_same", is_flag=True, help="Also list the keys that did not change.")
+@click.option("--csv", "csv_path", metavar="PATH|-", help="Write the differences as CSV ('-': stdout).")
+@click.option("--json", "json_path", metavar="PATH|-", help="Write the differences as JSON records ('-': stdout).")
+def diff_command(run_a: str, run_b: str, by: str, include_same: bool, csv_path: str | None,
+                 json_path: str | None) -> None:
+    """What appeared, disappeared or changed between RUN_A and RUN_B (e.g. before and after a change).
+
+    Keyed by host, process and name (not pid, which changes on restart). A key is "changed" when its lookups or
+    failures differ or its p95 latency moved by a log2 bucket or more; "disappeared" only when its host was
+    completely captured in RUN_B — otherwise "not captured". Exit 0 whatever the differences.
+
+    \b
+    Examples:
+      fleetdns diff 20261124T090000Z 20261125T090000Z
+      fleetdns diff 20261124T090000Z 20261125T090000Z --by name --csv -
+    """
+    from fleet import render, report, store
+
+    a, b = report.load(store.open_run(run_a)), report.load(store.open_run(run_b))
+    table = report.diff(a, b, report.parse_by(by, report.DIFF_BY), include_same=include_same)
+    if csv_path == "-" and json_path == "-":
+        raise UsageError("only one of --csv and --json can write to stdout")
+    if csv_path:
+        render.write_csv(table, csv_path)
+    if json_path:
+        render.write_json(table, json_path)
+    if "-" not in (csv_path, json_path):
+        counts = table["change"].value_counts()
+        title = f"changes from {a.run.id} to {b.run.id}: " + ", ".join(
+            f"{n} {c}" for c, n in counts.items() if n)
+        out.print(render.rich_table(table.head(TERMINAL_ROWS), title if len(table) else title + "none"))
+    _warn_incomplete(_both_coverages(a, b))
+
+
+def _both_coverages(a, b):
+    """Both runs' coverage rows, host names prefixed by their run, for the incompleteness note."""
+    import pandas as pd
+
+    return pd.concat([x.coverage.assign(host=f"{x.run.id}:" + x.coverage["host"]) for x in (a, b)])
+
+
+@cli.command("check", context_settings=CONTEXT)
+@click.argument("run_id", metavar="[RUN]", required=False)
+@click.option("--absent", metavar="GLOB", multiple=True, help="No host may resolve a name matching GLOB (repeat).")
+@click.option("--present", metavar="GLOB", multiple=True, help="Some host must resolve a name matching GLOB.")
+def check_command(run_id: str | None, absent: tuple[str, ...], present: tuple[str, ...]) -> None:
+    """Verify a change in RUN (default: the newest run): did every host stop resolving the --absent names?
+
+    Exit 0 when proven: every host was completely captured, none resolved an --absent name, and every --present
+    glob was resolved somewhere. Exit 1 when violated: the offending host, process, pid, count and last time are
+    listed (or the --present globs nobody resolved). Exit 6 when it cannot be proven: nothing wrong was seen, but
+    some hosts were not completely captured (failed, unreachable, partial, lost events), so absence is unknown
+    there. Globs match names in any case.
+
+    \b
+    Examples:
+      fleetdns check --absent 'old-db.*' --present new-db.example.com
+      fleetdns check 20261125T213000Z --absent 'legacy-*.corp' --absent '10.0.0.5'
+    """
+    from fleet import render, report, store
+
+    loaded = report.load(store.open_run(run_id))
+    result = report.check(loaded, absent, present)
+    if len(result.offenders):
+        out.print(render.rich_table(result.offenders, f"hosts still resolving an --absent name, run {loaded.run.id}"))
+    if len(result.unproven):
+        out.print(render.coverage_table(result.unproven, "hosts not completely captured: absence unknown there"))
+    verdict = result.verdict
+    if verdict == "violated":
+        what = []
+        if len(result.offenders):
+            what.append(f"{result.offenders['host'].nunique()} hosts resolved an --absent name "
+                        f"({result.offenders['lookups'].sum()} lookups)")
+        if result.missing:
+            what.append("no host resolved " + ", ".join(result.missing))
+        raise CheckViolated("; ".join(what))
+    if verdict == "unproven":
+        hosts = ", ".join(result.unproven["host"])
+        missing = f"; not seen: {', '.join(result.missing)}" if result.missing else ""
+        raise CheckUnproven(f"cannot prove it: {len(result.unproven)} hosts not completely captured ({hosts})"
+                            f"{missing}")
+    out.print(f"proven: {len(loaded.coverage)} hosts completely captured, no --absent name resolved"
+              + (", every --present name seen" if present else ""), markup=False)
 
 
 # ---- deploy -----------------------------------------------------------------------------------------------------

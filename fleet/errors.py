@@ -24,6 +24,8 @@ class ExitCode(enum.IntEnum):
     ENVIRONMENT = 4
     #: the lab fleet failed to come up, or a lab operation failed
     LAB_FAILED = 5
+    #: ``check``: nothing wrong was seen, but some hosts were not completely captured, so it is not proven
+    UNPROVEN = 6
     #: an unexpected error (a bug): one line, the traceback only with FLEETDNS_DEBUG=1
     INTERNAL = 70
     #: interrupted by Ctrl-C
@@ -93,3 +95,15 @@ class HostsFailed(FleetError):
     """Some hosts failed; the others' results were kept."""
 
     exit_code = ExitCode.HOSTS_FAILED
+
+
+class CheckViolated(FleetError):
+    """``check``: a host resolved an --absent name, or no host resolved a --present one."""
+
+    exit_code = ExitCode.HOSTS_FAILED
+
+
+class CheckUnproven(FleetError):
+    """``check``: no violation seen, but the coverage is incomplete, so absence cannot be proven."""
+
+    exit_code = ExitCode.UNPROVEN

@@ -126,6 +126,29 @@ def test_damage_is_counted_not_raised():
                         "no_trailer": 1}
 
 
+def test_bad_event_records_are_counted_in_the_bulk_reader():
+    good = event(5, b"ok1")
+    key, c0 = key_of(b"ok1"), comm_ints(b"python3")[0]
+    blob = capture(good, f"E 6 10 10 0 1 0 0 1500 {key} {c0}\n".encode(),  # 10 fields
+                   f"E 7 10 10 0 1 0 0  {key} {c0} 0\n".encode(),  # an empty field
+                   f"E 8 10 10 0 1 0 0 1500 {key} {c0} 0 9\n".encode(),  # 12 fields
+                   b"E\n", b"T [1, 2]\n", event(9, b"ok2"))
+    c = cf.parse_capture(blob)
+    assert list(c.events["name"]) == ["ok1", "ok2"]
+    assert c.damage == {"bad_record": 5}
+    not_int = capture(good, f"E x 10 10 0 1 0 0 1500 {key} {c0} 0\n".encode(),
+                      f"E 8 10 10 0 1 0 0 1500 zz {c0} 0\n".encode(), event(9, b"ok2"))
+    c = cf.parse_capture(not_int)
+    assert list(c.events["name"]) == ["ok1", "ok2"] and c.damage == {"bad_record": 2}
+
+
+def test_records_after_the_trailer_are_counted_not_read():
+    blob = capture(event(5, b"a")) + event(6, b"b") + b"L 4\n"
+    c = cf.parse_capture(blob)
+    assert list(c.events["name"]) == ["a"] and c.lost == 0
+    assert c.damage == {"after_trailer": 3}  # the N record, the E record, the L record
+
+
 def test_unreadable_file(tmp_path):
     with pytest.raises(InputError, match="cannot read capture"):
         cf.parse_capture(tmp_path / "missing.capture")
