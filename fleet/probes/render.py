@@ -492,13 +492,14 @@ _STAP_BPF_STAGE_WORDS = (3, 3, 3)
 _FNV_OFFSET_SIGNED = _FNV_OFFSET - 2**64  # stap literals are signed 64-bit
 
 
-def stap_runtime(environ: dict[str, str] | None = None, release: str | None = None) -> str:
+def stap_runtime(environ: dict[str, str] | None = None, build: str | None = None) -> str:
     """Which stap runtime to use here: ``FLEETDNS_STAP_RUNTIME`` (module|bpf) if set; else ``bpf`` when the
-    kernel build tree has no Makefile (no kernel headers to build a module: the lab's stub), else ``module``."""
+    kernel build tree (default ``/lib/modules/$(uname -r)/build``) has no Makefile (no kernel headers to build
+    a module with: the lab's stub), else ``module``."""
     environ = os.environ if environ is None else environ
     if environ.get("FLEETDNS_STAP_RUNTIME"):
         return environ["FLEETDNS_STAP_RUNTIME"]
-    build = os.path.join("/lib/modules", release or os.uname().release, "build")
+    build = build or os.path.join("/lib/modules", os.uname().release, "build")
     return "module" if os.path.exists(os.path.join(build, "Makefile")) else "bpf"
 
 
@@ -571,10 +572,10 @@ def _stp_entry(f: Function, files: list[tuple[str, list[Function]]], opts: Probe
     if f.kind == "rev" and opts.names:
         body = ["// name globs are given: reverse lookups are not reported"]
     else:
-        body = [*_stp_name(f, opts), "if (m) {", *("  " + line for line in _stp_define_name()),
-                f"  t0[t] = now; nk[t] = h; rp[t] = {resp}", "}"]
+        body = ["now = ktime_get_ns() + $1", *_stp_name(f, opts), "if (m) {",
+                *("  " + line for line in _stp_define_name()), f"  t0[t] = now; nk[t] = h; rp[t] = {resp}", "}"]
     inner = "\n    ".join(body)
-    return (f"probe {_stp_points(f, files)}\n{{\n  now = ktime_get_ns() + $1; t = tid(); dd = d[t] + 1; "
+    return (f"probe {_stp_points(f, files)}\n{{\n  t = tid(); dd = d[t] + 1; "
             f"d[t] = dd{herr}\n  if (dd == 1) {{\n    {inner}\n  }}\n}}")
 
 
