@@ -309,7 +309,7 @@ def run_probe(opts: render.ProbeOptions, output: str | IO[bytes], *, duration: f
     workdir = tempfile.mkdtemp(prefix="fleetdns-") if opts.backend == "stap" else None
     try:
         argv = _command(program, script_path, offset) if workdir is None else \
-            _stap_command(opts, program, script_path, workdir)
+            stap_command(opts, program, script_path, workdir)
         out, close = _open_output(output)
         try:
             out.write(cf.header_line(header))
@@ -341,7 +341,7 @@ def _command(program: str, script_path: str, offset: int) -> list[str]:
     return [program, "-B", "line", script_path, str(offset)]
 
 
-def _stap_command(opts: render.ProbeOptions, program: str, script_path: str, workdir: str) -> list[str]:
+def stap_command(opts: render.ProbeOptions, program: str, script_path: str, workdir: str) -> list[str]:
     """stap's command line. The script's $1 is CLOCK_BOOTTIME − CLOCK_MONOTONIC (stap's clock is
     ktime_get_ns()). The bpf runtime's script is compiled here (into ``workdir``) and run by stapbpf
     directly, so that the runner can stop it (see _interrupt_stapbpf); raises EnvironmentProblem when stap
