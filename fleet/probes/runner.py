@@ -27,11 +27,17 @@ Command line (stdlib only; this is what runs on fleet hosts)::
 
     python -m fleet.probes.runner [--backend bpftrace|stap] [--mode events|summary] [--duration S]
         [--output FILE|-] [--libc PATH] [--binary PATH]... [--names GLOB]... [--cgroup PATH]
-        [--interval S] [--max-keys N] [--print-script]
+        [--interval S] [--max-keys N] [--stap-runtime module|bpf] [--print-script]
 
 SIGINT and SIGTERM end the capture cleanly: the runner forwards SIGINT to the backend's own pid (the backend
 runs in its own session, so a terminal's Ctrl-C reaches only the runner), the backend prints its final maps
 (summary) and exits, and the trailer is written.
+
+stap: the module runtime runs as ``stap … dnsprobe.stp OFFSET`` and prints records itself. The bpf runtime's
+script is compiled first (``stap -p4``) and its BPF program run by ``stapbpf`` directly (so SIGINT can go to its
+main thread, see :func:`_interrupt_stapbpf`); its raw lines become records in :class:`StapBpfAssembler`. stap's
+loss reports on stderr become ``L`` records. The runner never adds LD_PRELOAD or other sandbox accommodations:
+the lab provides its memlock shim through the environment.
 """
 
 from __future__ import annotations
@@ -493,10 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cgroup", default=None)
     p.add_argument("--interval", type=int, default=60)
     p.add_argument("--max-keys", type=int, default=65536)
+    p.add_argument("--stap-runtime", choices=render.STAP_RUNTIMES, default=None,
+                   help="stap's runtime (default: $FLEETDNS_STAP_RUNTIME, else module when kernel headers exist)")
     p.add_argument("--print-script", action="store_true", help="print the rendered script and exit")
     a = p.parse_args(argv)
     opts = render.ProbeOptions(backend=a.backend, mode=a.mode, libc=a.libc, binaries=tuple(a.binary),
-                               names=tuple(a.names), cgroup=a.cgroup, interval=a.interval, max_keys=a.max_keys)
+                               names=tuple(a.names), cgroup=a.cgroup, interval=a.interval, max_keys=a.max_keys,
+                               stap_runtime=a.stap_runtime)
     try:
         if a.print_script:
             sys.stdout.write(render.render(opts))

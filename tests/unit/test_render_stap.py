@@ -163,6 +163,12 @@ def test_assembler_builds_n_and_e_records_the_parser_reads():
     assert runner.name_key(0, b"localhost") == int(records.split(b"\n")[1].split()[1])
 
 
+def test_name_keys_equal_the_bpftrace_probe_s():
+    """Keys seen in a bpftrace capture on this machine: both backends key a name alike."""
+    assert runner.name_key(0, b"127.0.0.1") == 12302425093482026174
+    assert runner.name_key(0, b"10.213.113.12") == 1454773738017255670
+
+
 def test_assembler_reverse_lookup_and_damage():
     addr = bytes([127, 0, 0, 1])
     data = b"\0" * 4 + addr
@@ -173,6 +179,16 @@ def test_assembler_reverse_lookup_and_damage():
     asm, records = _assemble(lines)
     assert records.startswith(b"N %d 2 4 0 \\x7f\\x00\\x00\\x01\n" % runner.name_key(2, addr))
     assert asm.stray == 1 and asm.unfinished() == 1
+
+
+def test_stap_loss_reports_on_stderr_are_counted():
+    messages: list[str] = []
+    losses: list[int] = []
+    stderr = [b"WARNING: lost 17 perf_events on cpu 1\n", b"WARNING: There were 3 transport failures.\n",
+              b"WARNING: Number of errors: 0, skipped probes: 2\n", b"Tip: /usr/share/doc/systemtap/README.Debian\n"]
+    runner._read_stderr(iter(stderr), messages, losses)
+    assert losses == [17, 3, 2]
+    assert len(messages) == 3  # losses are still shown; the tip is noise
 
 
 def test_a_name_cut_short_by_missing_words_is_flagged_not_silently_cut():
