@@ -511,6 +511,12 @@ def _stp_arg(f: Function, n: int) -> str:
     return "$" + f.params[n]
 
 
+#: Entry: the nesting depth of this thread's resolver calls. A thread that died inside a lookup leaves its depth
+#: behind; the pid stored with it (``dp``) keeps a thread of another process that reuses the tid from inheriting it.
+_STP_DEPTH = ("t = tid(); dd = d[t] + 1; if (dd > 1 && dp[t] != pid()) { dd = 1 }; d[t] = dd; "
+              "if (dd == 1) { dp[t] = pid() }")
+
+
 def _stp_glob(globs: tuple[str, ...]) -> list[str]:
     """Module runtime: statements setting ``m`` to 1 when the name at ``p`` (length ``n``) matches a glob."""
     if not globs:
@@ -575,8 +581,7 @@ def _stp_entry(f: Function, files: list[tuple[str, list[Function]]], opts: Probe
         body = ["now = ktime_get_ns() + $1", *_stp_name(f, opts), "if (m) {",
                 *("  " + line for line in _stp_define_name()), f"  t0[t] = now; nk[t] = h; rp[t] = {resp}", "}"]
     inner = "\n    ".join(body)
-    return (f"probe {_stp_points(f, files)}\n{{\n  t = tid(); dd = d[t] + 1; "
-            f"d[t] = dd{herr}\n  if (dd == 1) {{\n    {inner}\n  }}\n}}")
+    return (f"probe {_stp_points(f, files)}\n{{\n  {_STP_DEPTH}{herr}\n  if (dd == 1) {{\n    {inner}\n  }}\n}}")
 
 
 def _stp_result(f: Function, hp: str, rp: str, read: str) -> str:
@@ -646,7 +651,7 @@ def _stp_summary_dump(arrays: list[tuple[str, str, int]], when: str) -> str:
 def _render_stap_module(opts: ProbeOptions, files: list[tuple[str, list[Function]]]) -> str:
     hooked = [f for f in FUNCTIONS if any(f in funcs for _p, funcs in files)]
     probes = [p for f in hooked for p in (_stp_entry(f, files, opts), _stp_return(f, files, opts))]
-    per_tid = "global d%[16384], t0%[16384], nk%[16384], rp%[16384], he%[16384]"
+    per_tid = "global d%[16384], dp%[16384], t0%[16384], nk%[16384], rp%[16384], he%[16384]"
     if opts.mode == "events":
         globals_ = f"{per_tid}\nglobal nd%[{opts.max_keys}], emitted"
         blocks = 'probe end\n{\n  printf("@emitted: %d\\n", @count(emitted))\n}'
@@ -660,7 +665,15 @@ def _render_stap_module(opts: ProbeOptions, files: list[tuple[str, list[Function
             "{{DUMP_M1}}", _stp_summary_dump([("m1", "M", 1)], "minute")).replace(
             "{{DUMP_TOTALS}}", _stp_summary_dump(totals, "totals")).replace(
             "{{DUMP_END}}", _stp_summary_dump(totals + [("m0", "M", 1), ("m1", "M", 1)], "end"))
-    return "\n\n".join([globals_, _STP_ATTACHED, *probes, blocks]) + "\n"
+    return "\n\n".join([globals_, _STP_ATTACHED, *probes, _STP_THREAD_END, blocks]) + "\n"
+
+
+#: Module runtime: a thread that dies inside a lookup leaves no state behind (as bpftrace's sched_process_exit;
+#: the bpf runtime ignores utrace probes and has no tracepoints without kernel headers, see _STP_DEPTH).
+_STP_THREAD_END = """probe process.thread.end
+{
+  t = tid(); delete d[t]; delete dp[t]; delete t0[t]; delete nk[t]; delete rp[t]; delete he[t]
+}"""
 
 
 #: Both runtimes print B from the first timer tick: by then the uprobes are enabled (stapbpf enables them only
@@ -734,7 +747,7 @@ def _stb_last(f: Function, comm_offset: int) -> list[str]:
 def _stb_entry(f: Function, files: list[tuple[str, list[Function]]]) -> str:
     """bpf runtime entry probe: depth, the innermost ``h_errnop``, and for the outermost call the entry time
     and the pointers the return probe reads (the name is read at return: the caller's buffer is still there)."""
-    lines = ["now = ktime_get_ns() + $1; t = tid(); dd = d[t] + 1; d[t] = dd"]
+    lines = ["now = ktime_get_ns() + $1", _STP_DEPTH]
     if f.herrp_arg is not None:
         lines.append(f"he[t] = {_stp_arg(f, f.herrp_arg)}")
     save = [f"t0[t] = now; rp[t] = {_stp_arg(f, f.result_arg) if f.result_arg is not None else 0}"]
@@ -764,7 +777,7 @@ def _render_stap_bpf(opts: ProbeOptions, files: list[tuple[str, list[Function]]]
         for stage in reversed(_stb_stages(f, comm_offset)):
             body = "\n  ".join(stage)
             probes.append(f"probe {_stp_points(f, files, '.return')}\n{{\n  {body}\n}}")
-    globals_ = ("global d%[16384], he%[16384], t0%[16384], np%[16384], rp%[16384], naf%[16384], "
+    globals_ = ("global d%[16384], dp%[16384], he%[16384], t0%[16384], np%[16384], rp%[16384], naf%[16384], "
                 "nn%[16384], out%[16384], more%[16384], lw%[16384]")
     task = ("// the current task_struct (the tapset's task_current() needs kernel debuginfo; this needs -g)\n"
             "function fleetdns_task:long () %{ /* bpf */ /* pure */\n  call, $$, get_current_task;\n%}")

@@ -11,15 +11,23 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
+import subprocess
 import sys
 import time
 
 import pytest
 
+from fleet.capture_format import parse_capture
 from fleet.errors import FleetError
 from fleet.lab import accommodations
 from fleet.probes import render, runner
-from tests.probe.test_probe_local import ODD_NAMES, PY_LOOKUPS, Probe, cprogs, files_only, spawn  # noqa: F401
+from tests.probe import test_probe_local as local
+from tests.probe.test_probe_local import ODD_NAMES, PY_LOOKUPS, Probe, spawn
+
+# the bpftrace tests' fixtures, registered here too: lookups from /etc/hosts only, the C workloads
+files_only = local.files_only
+cprogs = local.cprogs
 
 LOCK = "/tmp/fleetdns-stap.lock"
 
@@ -105,3 +113,42 @@ def test_odd_names_round_trip_within_the_runtime_limit(tmp_path, files_only):
     assert list(rows["name_bytes"]) == names + [b"b" * kept]
     assert list(rows["name_truncated"]) == [False] * len(names) + [True]
     assert cap.damage == {} and cap.lost == 0
+
+
+def test_ipv6_reverse_lookups_and_threads(tmp_path, files_only):
+    """16-byte addresses (getnameinfo, gethostbyaddr_r of ::1) and lookups from several threads at once: each
+    thread's lookups keep their own name, depth and result."""
+    script = ("import socket, threading\n"
+              "socket.getnameinfo(('::1', 0), 0)\n"
+              "try: socket.gethostbyaddr('::1')\n"
+              "except OSError: pass\n"
+              "def work(n):\n"
+              "    for _ in range(20): socket.getaddrinfo(n, None)\n"
+              "ts = [threading.Thread(target=work, args=(n,)) for n in ('localhost', 'vm', 'localhost', 'vm')]\n"
+              "[t.start() for t in ts]; [t.join() for t in ts]\n")
+    probe = Probe(render.ProbeOptions(backend="stap"), tmp_path / "c.capture")
+    pid = spawn(files_only, sys.executable, "-c", script)
+    cap = probe.finish()
+    rows = cap.events[cap.events["pid"] == pid]
+    reverse = [(r.function, r.name) for r in rows.itertuples() if r.reverse]
+    assert reverse == [("getnameinfo", "::1"), ("gethostbyaddr_r", "::1")]
+    threads = rows[rows["tid"] != pid]
+    assert len(threads) == 80 and set(threads["result"]) == {"OK"} and threads["tid"].nunique() == 4
+    assert threads.groupby("tid")["name"].nunique().eq(1).all()
+    assert cap.lost == 0 and cap.damage == {}
+
+
+def test_runner_command_ends_cleanly_on_sigint(tmp_path, files_only):
+    out = tmp_path / "c.capture"
+    proc = subprocess.Popen([sys.executable, "-m", "fleet.probes.runner", "--backend", "stap", "--output", str(out)],
+                            cwd=local.ROOT, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while b"\nB " not in (out.read_bytes() if out.exists() else b"") and time.time() < deadline:
+        time.sleep(0.2)
+    pid = spawn(files_only, "getent", "ahosts", "localhost")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0, proc.stderr.read()
+    cap = parse_capture(out)
+    assert cap.trailer["stop_reason"] == "signal" and cap.trailer["exit_status"] == 0 and cap.damage == {}
+    assert list(cap.events[cap.events["pid"] == pid]["name"]) == ["localhost"]
