@@ -1,10 +1,12 @@
 """Render the DNS probe script for one backend from :class:`ProbeOptions`.
 
-The hooked functions are described once, in :data:`FUNCTIONS` (symbol, DWARF name, where the name / address,
-the result pointer and the ``h_errno`` pointer live); the probe bodies are generated from that table into
-the template ``dnsprobe.bt.tmpl`` (+ ``summary.bt.tmpl``; placeholders are ``{{NAME}}``, because ``$``,
-``%`` and ``@`` already mean something in the probe languages). The stap backend is not rendered yet
-(:func:`render` raises UsageError for it); its DWARF names are in the table for when it is.
+The hooked functions are described once, in :data:`FUNCTIONS` (symbol, DWARF name and parameters, where the
+name / address, the result pointer and the ``h_errno`` pointer live); the probe bodies of both backends are
+generated from that table into the templates ``dnsprobe.bt.tmpl`` (+ ``summary.bt.tmpl``) and
+``dnsprobe.stp.tmpl`` (+ ``summary.stp.tmpl``); placeholders are ``{{NAME}}``, because ``$``, ``%`` and ``@``
+already mean something in the probe languages. stap has two runtimes (:func:`stap_runtime`): the module
+runtime does everything in the kernel as bpftrace does; the bpf runtime (events only) prints raw lines that
+the runner assembles (``fleet.probes.runner.StapBpfAssembler``); docs/capture-format.md lists their limits.
 
 API::
 
@@ -12,12 +14,14 @@ API::
                         binaries=(), names=("*.corp.example",), cgroup=None)
     script: str = render(opts)            # raises UsageError / InputError on bad options
     env: dict[str, str] = backend_env(opts)   # environment the backend needs for this script
+    stap_arguments(opts) -> list[str]     # stap's options for this script (runtime, limits)
+    stap_runtime() -> "module" | "bpf"    # FLEETDNS_STAP_RUNTIME, else by the kernel build tree
     find_libc() -> str                    # this machine's libc (the one /bin/sh maps)
     elf_info(path) -> ElfInfo(build_id, symbols)
 
 What the rendered script prints is the record layer of ``docs/capture-format.md``: ``N`` name definitions,
 then ``E`` records (events mode) or map dumps between ``S``/``Y`` markers (summary mode). The runner adds the
-header, turns bpftrace's map dumps into records and adds the trailer.
+header, turns bpftrace's map dumps (and stap bpf-runtime raw lines) into records and adds the trailer.
 
 Stdlib only: this module runs on fleet hosts.
 """
@@ -584,10 +588,10 @@ def _stp_entry(f: Function, files: list[tuple[str, list[Function]]], opts: Probe
     return (f"probe {_stp_points(f, files)}\n{{\n  {_STP_DEPTH}{herr}\n  if (dd == 1) {{\n    {inner}\n  }}\n}}")
 
 
-def _stp_result(f: Function, hp: str, rp: str, read: str) -> str:
-    """Statements setting ``rc`` and ``herr`` from ``$return`` (see Function.returns); ``read`` is the user
-    memory reader (``user_int``/``user_long``), ``hp`` / ``rp`` the saved h_errnop / result pointer."""
-    read_herr = f"if ({hp} != 0) herr = {read}({hp}) else herr = -1"
+def _stp_result(f: Function, hp: str, rp: str) -> str:
+    """Statements setting ``rc`` and ``herr`` from ``$return`` (see Function.returns); ``hp`` / ``rp`` are the
+    saved h_errnop / result pointer (both runtimes)."""
+    read_herr = f"if ({hp} != 0) herr = user_int({hp}) else herr = -1"
     if f.returns == "int":
         return "rc = $return; herr = 0"
     if f.returns == "ptr":
@@ -630,7 +634,7 @@ def _stp_emit(f: Function, opts: ProbeOptions) -> list[str]:
 
 
 def _stp_return(f: Function, files: list[tuple[str, list[Function]]], opts: ProbeOptions) -> str:
-    body = "\n      ".join([_stp_result(f, "he[t]", "rp[t]", "user_int"), *_stp_emit(f, opts)])
+    body = "\n      ".join([_stp_result(f, "he[t]", "rp[t]"), *_stp_emit(f, opts)])
     return (f"probe {_stp_points(f, files, '.return')}\n{{\n  now = ktime_get_ns() + $1; t = tid(); "
             f"dd = d[t] - 1\n  if (dd > 0) d[t] = dd else {{\n    delete d[t]\n    if (t in t0) {{\n"
             f"      e0 = t0[t]; h = nk[t]; delete t0[t]; delete nk[t]\n"
@@ -736,7 +740,7 @@ def _stb_stages(f: Function, comm_offset: int) -> list[list[str]]:
 def _stb_last(f: Function, comm_offset: int) -> list[str]:
     """bpf runtime: the last stage prints the ``r`` line (result, pid, uid, comm) and forgets the thread."""
     return ["t = tid()", "if (out[t]) {",
-            f"  {_stp_result(f, 'he[t]', 'rp[t]', 'user_int')}",
+            f"  {_stp_result(f, 'he[t]', 'rp[t]')}",
             f"  ts = fleetdns_task(); c0 = user_long(ts + {comm_offset}); c1 = user_long(ts + {comm_offset + 8})",
             '  printf("r %ld %ld %ld %ld %ld %ld %ld\\n", t, pid(), uid(), rc, herr, c0, c1)',
             "  delete out[t]; delete more[t]; delete lw[t]; delete t0[t]; delete np[t]; delete rp[t]; "
