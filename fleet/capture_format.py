@@ -238,8 +238,10 @@ class _Names:
 class _NameColumns:
     """Name key → the name columns of a row (cached); counts ``missing_name`` / ``incomplete_name``."""
 
-    def __init__(self, names: _Names, damage: collections.Counter[str]) -> None:
-        self.names, self.damage, self.cache = names, damage, {}
+    def __init__(self, names: _Names, damage: collections.Counter[str], name_max: int = NAME_MAX) -> None:
+        # name_max: a truncated name carries its first min(name_max, NAME_MAX) bytes (header field, stap's
+        # bpf runtime reads only 64)
+        self.names, self.damage, self.cache, self.name_max = names, damage, {}, min(name_max, NAME_MAX)
 
     def __call__(self, key: int) -> dict[str, Any]:
         if key not in self.cache:
@@ -255,7 +257,7 @@ class _NameColumns:
             return {"name": None, "name_bytes": None, "name_truncated": False, "reverse": af != 0}
         parts = self.names.parts[key]
         data = parts.get(0, b"") + parts.get(HALF, b"")
-        if len(data) != min(length, NAME_MAX):
+        if len(data) != min(length, self.name_max):
             self.damage["incomplete_name"] += 1
         return {"name": reverse_name(af, data) if af else display_bytes(data), "name_bytes": data,
                 "name_truncated": length >= NAME_MAX, "reverse": af != 0}
@@ -370,7 +372,7 @@ def parse_capture(source: bytes | str | os.PathLike[str]) -> Capture:
     else:
         lost = max(lost, int(trailer.get("lost", 0) or 0))
 
-    name_cols = _NameColumns(names, damage)
+    name_cols = _NameColumns(names, damage, int(header.get("name_max", NAME_MAX)))
     events_df = _events_frame(host, offset, events, name_cols, damage)
 
     if header.get("mode") == "summary":

@@ -320,9 +320,12 @@ def deploy_command(inventory_path: str, limit: str | None, check: bool, backend:
 @click.option("--cgroup", metavar="PATH", help="Only processes in this cgroup v2 directory (bpftrace).")
 @click.option("--interval", metavar="D", default="60s", show_default=True,
               help="Summary mode: print the in-kernel counts this often.")
+@click.option("--stap-runtime", type=click.Choice(["module", "bpf"]), default=None,
+              help="stap only: kernel module (real hosts with kernel headers) or BPF. Default: module when the "
+              "kernel's build tree is real, else bpf.")
 def probe_command(backend: str, mode: str, duration: str | None, output: str | None, table: bool,
                   names: tuple[str, ...], libc: str | None, binaries: tuple[str, ...], cgroup: str | None,
-                  interval: str) -> None:
+                  interval: str, stap_runtime: str | None) -> None:
     """Record DNS lookups on THIS machine: which process resolves which name (root).
 
     The single-host probe, and the same code the fleet's hosts run. Ctrl-C (or --duration running out) ends
@@ -347,7 +350,7 @@ def probe_command(backend: str, mode: str, duration: str | None, output: str | N
     if table and mode != "events":
         raise UsageError("--table shows single lookups: use it with --mode events")
     opts = render.ProbeOptions(backend=backend, mode=mode, libc=libc, binaries=binaries, names=names,
-                               cgroup=cgroup, interval=max(1, round(every)))
+                               cgroup=cgroup, interval=max(1, round(every)), stap_runtime=stap_runtime)
     if output is None:
         output = os.devnull if table else "-"
     view = LookupTable() if table else None

@@ -4,14 +4,20 @@ For each backend installed here (bpftrace, stap) it runs the real probe (:func:`
 the same code path captures use) for a couple of seconds, makes one real ``getaddrinfo()`` from a child process of
 a random loopback address with ``AI_NUMERICHOST`` (a unique marker that libc answers without any lookup traffic),
 and passes the backend only if the probe saw that marker. (The marker, not the child's pid, identifies the lookup:
-in a pid namespace the probe reports the machine's pids.) The result goes to ``--output``
+in a pid namespace the probe reports the machine's pids.)
+
+Except stap's bpf runtime (hosts that cannot build a kernel module, like the lab's): deploy runs this preflight on
+every host at once, and several stapbpf processes running at the same time have oopsed a kernel (a NULL
+dereference in uprobe_perf_close, after which no uprobe attached until reboot). So that runtime is only compiled
+here (``stap -p4``, what the runner does before it starts stapbpf) and reported with ``"checked": "compile"``;
+live checks say ``"checked": "live"``. The result goes to ``--output``
 (``/var/lib/fleetdns/host.json``, mode 0600) and to stdout as one JSON object::
 
     {"host": "lab1", "time": "2026-11-25T21:50:00Z", "kernel": "6.18.44-…", "distro": "Debian GNU/Linux 12",
      "libc": "/usr/lib/x86_64-linux-gnu/libc.so.6", "libc_build_id": "…", "python": "3.11.2",
      "requested": "auto", "ready": ["bpftrace"],
-     "backends": {"bpftrace": {"ok": true, "version": "bpftrace v0.17.0", "seconds": 2.9},
-                  "stap": {"ok": false, "version": "…", "error": "…"}},
+     "backends": {"bpftrace": {"ok": true, "checked": "live", "version": "bpftrace v0.17.0", "seconds": 2.9},
+                  "stap": {"ok": true, "checked": "compile", "runtime": "bpf", "version": "…", "seconds": 2.1}},
      "problems": ["stap: …", …]}
 
 Exit status 0 when the requested backend (any, for ``auto``) passed, 1 otherwise. Standard library only.
@@ -34,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fleet.errors import FleetError
 from fleet.probes import render
-from fleet.probes.runner import run_probe
+from fleet.probes.runner import check_environment, run_probe, stap_command
 
 BACKENDS = ("bpftrace", "stap")
 LOOKUP = "import socket, sys; socket.getaddrinfo(sys.argv[1], None, flags=socket.AI_NUMERICHOST)"
@@ -57,8 +63,29 @@ def version(program: str) -> str:
     return (proc.stdout or proc.stderr).strip().splitlines()[0] if (proc.stdout or proc.stderr).strip() else ""
 
 
+def check_stap_compiles(libc: str) -> dict:
+    """stap's bpf runtime, without running it: ``ok`` when the events probe compiles (``stap -p4``)."""
+    opts = render.ProbeOptions(backend="stap", mode="events", libc=libc)
+    started = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix="fleetdns-preflight-")
+    try:
+        program = check_environment(opts)
+        script_path = os.path.join(workdir, "dnsprobe.stp")
+        with open(script_path, "w") as f:
+            f.write(render.render(opts))
+        stap_command(opts, program, script_path, workdir)
+    except FleetError as exc:
+        return {"ok": False, "checked": "compile", "runtime": "bpf", "error": str(exc)}
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"ok": True, "checked": "compile", "runtime": "bpf", "seconds": round(time.monotonic() - started, 2)}
+
+
 def check_backend(backend: str, libc: str, seconds: float = 2.0) -> dict:
-    """Run *backend*'s probe briefly around one real lookup; ``ok`` only if the probe saw it."""
+    """Run *backend*'s probe briefly around one real lookup; ``ok`` only if the probe saw it. stap's bpf runtime
+    is only compiled (see the module docstring)."""
+    if backend == "stap" and render.stap_runtime() == "bpf":
+        return check_stap_compiles(libc)
     rows: list[dict] = []
     children: list[subprocess.Popen] = []
     marker = "127." + ".".join(str(random.randint(1, 254)) for _ in range(3))
@@ -73,15 +100,16 @@ def check_backend(backend: str, libc: str, seconds: float = 2.0) -> dict:
                 ready_callback=lambda: children.append(subprocess.Popen([sys.executable, "-c", LOOKUP, marker])),
             )
     except FleetError as exc:
-        return {"ok": False, "error": str(exc)}
+        return {"ok": False, "checked": "live", "error": str(exc)}
     finally:
         for child in children:
             child.wait()
     if not children:
-        return {"ok": False, "error": "the probe never reported itself attached"}
+        return {"ok": False, "checked": "live", "error": "the probe never reported itself attached"}
     if not any(row.get("name") == marker for row in rows):
-        return {"ok": False, "error": f"attached, but did not see the marker lookup getaddrinfo({marker!r})"}
-    return {"ok": True, "seconds": round(time.monotonic() - started, 2)}
+        return {"ok": False, "checked": "live",
+                "error": f"attached, but did not see the marker lookup getaddrinfo({marker!r})"}
+    return {"ok": True, "checked": "live", "seconds": round(time.monotonic() - started, 2)}
 
 
 def preflight(requested: str, problems: list[str]) -> dict:

@@ -1,10 +1,12 @@
 """Render the DNS probe script for one backend from :class:`ProbeOptions`.
 
-The hooked functions are described once, in :data:`FUNCTIONS` (symbol, DWARF name, where the name / address,
-the result pointer and the ``h_errno`` pointer live); the probe bodies are generated from that table into
-the template ``dnsprobe.bt.tmpl`` (+ ``summary.bt.tmpl``; placeholders are ``{{NAME}}``, because ``$``,
-``%`` and ``@`` already mean something in the probe languages). The stap backend is not rendered yet
-(:func:`render` raises UsageError for it); its DWARF names are in the table for when it is.
+The hooked functions are described once, in :data:`FUNCTIONS` (symbol, DWARF name and parameters, where the
+name / address, the result pointer and the ``h_errno`` pointer live); the probe bodies of both backends are
+generated from that table into the templates ``dnsprobe.bt.tmpl`` (+ ``summary.bt.tmpl``) and
+``dnsprobe.stp.tmpl`` (+ ``summary.stp.tmpl``); placeholders are ``{{NAME}}``, because ``$``, ``%`` and ``@``
+already mean something in the probe languages. stap has two runtimes (:func:`stap_runtime`): the module
+runtime does everything in the kernel as bpftrace does; the bpf runtime (events only) prints raw lines that
+the runner assembles (``fleet.probes.runner.StapBpfAssembler``); docs/capture-format.md lists their limits.
 
 API::
 
@@ -12,12 +14,14 @@ API::
                         binaries=(), names=("*.corp.example",), cgroup=None)
     script: str = render(opts)            # raises UsageError / InputError on bad options
     env: dict[str, str] = backend_env(opts)   # environment the backend needs for this script
+    stap_arguments(opts) -> list[str]     # stap's options for this script (runtime, limits)
+    stap_runtime() -> "module" | "bpf"    # FLEETDNS_STAP_RUNTIME, else by the kernel build tree
     find_libc() -> str                    # this machine's libc (the one /bin/sh maps)
     elf_info(path) -> ElfInfo(build_id, symbols)
 
 What the rendered script prints is the record layer of ``docs/capture-format.md``: ``N`` name definitions,
 then ``E`` records (events mode) or map dumps between ``S``/``Y`` markers (summary mode). The runner adds the
-header, turns bpftrace's map dumps into records and adds the trailer.
+header, turns bpftrace's map dumps (and stap bpf-runtime raw lines) into records and adds the trailer.
 
 Stdlib only: this module runs on fleet hosts.
 """
@@ -36,6 +40,7 @@ from fleet.errors import EnvironmentProblem, InputError, UsageError
 
 BACKENDS = ("bpftrace", "stap")
 MODES = ("events", "summary")
+STAP_RUNTIMES = ("module", "bpf")
 
 #: Longest name reported byte-exactly; a name of this many bytes or more is flagged as truncated
 #: (DNS names are at most 253 text bytes, so 255 leaves room for a trailing dot and one more byte).
@@ -52,7 +57,8 @@ class Function:
     ``addr, len, type`` at args 0-2, or ``getnameinfo``'s ``struct sockaddr *``). ``returns`` is ``int``
     (EAI_* or errno), ``ptr`` (NULL on failure, then h_errno) or ``r`` (the ``_r`` convention: errno
     return, ``*result == NULL`` on failure, h_errno through ``h_errnop``). Argument positions are 0-based;
-    positions ≥ 6 are on the stack (x86-64 SysV).
+    positions ≥ 6 are on the stack (x86-64 SysV). ``params`` are the DWARF parameter names in order (stap
+    reads arguments as ``$name``; its bpf runtime cannot read registers by position).
     """
 
     fid: int
@@ -60,20 +66,25 @@ class Function:
     dwarf: str
     kind: str
     returns: str
+    params: tuple[str, ...]
     result_arg: int | None = None
     herrp_arg: int | None = None
 
 
 #: Function ids are part of the capture format (docs/capture-format.md); never renumber.
 FUNCTIONS: tuple[Function, ...] = (
-    Function(1, "getaddrinfo", "getaddrinfo", "fwd", "int"),
-    Function(2, "gethostbyname", "gethostbyname", "fwd", "ptr"),
-    Function(3, "gethostbyname2", "gethostbyname2", "fwd", "ptr"),
-    Function(4, "gethostbyname_r", "__gethostbyname_r", "fwd", "r", result_arg=4, herrp_arg=5),
-    Function(5, "gethostbyname2_r", "__gethostbyname2_r", "fwd", "r", result_arg=5, herrp_arg=6),
-    Function(6, "gethostbyaddr", "gethostbyaddr", "rev", "ptr"),
-    Function(7, "gethostbyaddr_r", "__gethostbyaddr_r", "rev", "r", result_arg=6, herrp_arg=7),
-    Function(8, "getnameinfo", "getnameinfo", "rev", "int"),
+    Function(1, "getaddrinfo", "getaddrinfo", "fwd", "int", ("name", "service", "hints", "pai")),
+    Function(2, "gethostbyname", "gethostbyname", "fwd", "ptr", ("name",)),
+    Function(3, "gethostbyname2", "gethostbyname2", "fwd", "ptr", ("name", "af")),
+    Function(4, "gethostbyname_r", "__gethostbyname_r", "fwd", "r",
+             ("name", "resbuf", "buffer", "buflen", "result", "h_errnop"), result_arg=4, herrp_arg=5),
+    Function(5, "gethostbyname2_r", "__gethostbyname2_r", "fwd", "r",
+             ("name", "af", "resbuf", "buffer", "buflen", "result", "h_errnop"), result_arg=5, herrp_arg=6),
+    Function(6, "gethostbyaddr", "gethostbyaddr", "rev", "ptr", ("addr", "len", "type")),
+    Function(7, "gethostbyaddr_r", "__gethostbyaddr_r", "rev", "r",
+             ("addr", "len", "type", "resbuf", "buffer", "buflen", "result", "h_errnop"), result_arg=6, herrp_arg=7),
+    Function(8, "getnameinfo", "getnameinfo", "rev", "int", ("sa", "addrlen", "host", "hostlen", "serv", "servlen",
+                                                              "flags")),
 )
 FUNCTION_NAMES: dict[int, str] = {f.fid: f.symbol for f in FUNCTIONS}
 
@@ -88,6 +99,7 @@ class ProbeOptions:
     ``?`` anywhere; reverse lookups are dropped when globs are given). ``cgroup`` is a cgroup v2 directory
     (bpftrace only). ``interval`` is the summary dump period in seconds (per-minute counts are flushed each
     wall-clock minute regardless); ``max_keys`` bounds every BPF map (bpftrace) or array (stap).
+    ``stap_runtime`` is ``module`` or ``bpf`` (None: :func:`stap_runtime` decides).
     """
 
     backend: str = "bpftrace"
@@ -98,9 +110,14 @@ class ProbeOptions:
     cgroup: str | None = None
     interval: int = 60
     max_keys: int = 65536
+    stap_runtime: str | None = None
 
     def resolved_libc(self) -> str:
         return self.libc or find_libc()
+
+    def resolved_stap_runtime(self) -> str:
+        """``module`` or ``bpf``: ``stap_runtime`` if given, else :func:`stap_runtime`."""
+        return self.stap_runtime or stap_runtime()
 
 
 # ---------------------------------------------------------------------------------------------- ELF helpers
@@ -178,6 +195,16 @@ def _check(opts: ProbeOptions) -> list[tuple[str, list[Function]]]:
             raise UsageError(
                 f"name glob {glob!r} cannot be matched in the kernel",
                 hint="use at most one '*' (prefix*, *suffix, prefix*suffix) and '?'; no [classes]")
+    if opts.backend == "stap":
+        runtime = opts.resolved_stap_runtime()
+        if runtime not in STAP_RUNTIMES:
+            raise UsageError(f"unknown stap runtime {runtime!r} (choose from {', '.join(STAP_RUNTIMES)})")
+        if runtime == "bpf" and opts.mode == "summary":
+            raise UsageError("summary mode needs stap's module runtime (its bpf runtime has no loops to dump maps)",
+                             hint="use --backend bpftrace, or events mode")
+        if runtime == "bpf" and opts.names:
+            raise UsageError("name globs need stap's module runtime (its bpf runtime cannot match them in the "
+                             "kernel)", hint="use --backend bpftrace")
     if opts.cgroup is not None:
         if opts.backend != "bpftrace":
             raise UsageError("--cgroup needs the bpftrace backend")
@@ -456,5 +483,330 @@ def backend_env(opts: ProbeOptions) -> dict[str, str]:
     return {}
 
 
+# ---------------------------------------------------------------------------------------------- stap
+
+#: stap's bpf runtime reads a name as aligned 8-byte words, at most this many of them (no loops; each read is
+#: one unrolled step): they cover at least the name's first STAP_BPF_NAME_MAX bytes.
+STAP_BPF_WORDS = 9
+#: Longest name the bpf runtime reports byte-exactly is one byte less; a name of this many bytes or more is
+#: reported as its first STAP_BPF_NAME_MAX bytes with length NAME_MAX (truncated). The capture header says
+#: ``name_max`` so the reader knows that such a name is complete as far as it goes.
+STAP_BPF_NAME_MAX = 64
+#: Stage handlers of the bpf runtime's return probe read this many words each (its register allocator runs out
+#: of the 512-byte BPF stack at about ten values in one handler).
+_STAP_BPF_STAGE_WORDS = (3, 3, 3)
+_FNV_OFFSET_SIGNED = _FNV_OFFSET - 2**64  # stap literals are signed 64-bit
+
+
+def stap_runtime(environ: dict[str, str] | None = None, build: str | None = None) -> str:
+    """Which stap runtime to use here: ``FLEETDNS_STAP_RUNTIME`` (module|bpf) if set; else ``bpf`` when the
+    kernel build tree (default ``/lib/modules/$(uname -r)/build``) has no Makefile (no kernel headers to build
+    a module with: the lab's stub), else ``module``."""
+    environ = os.environ if environ is None else environ
+    if environ.get("FLEETDNS_STAP_RUNTIME"):
+        return environ["FLEETDNS_STAP_RUNTIME"]
+    build = build or os.path.join("/lib/modules", os.uname().release, "build")
+    return "module" if os.path.exists(os.path.join(build, "Makefile")) else "bpf"
+
+
+def _stp_points(f: Function, files: list[tuple[str, list[Function]]], suffix: str = "") -> str:
+    return ", ".join(f'process("{path}").function("{f.dwarf}"){suffix}' for path, funcs in files if f in funcs)
+
+
+def _stp_arg(f: Function, n: int) -> str:
+    return "$" + f.params[n]
+
+
+#: Entry: the nesting depth of this thread's resolver calls. A thread that died inside a lookup leaves its depth
+#: behind; the pid stored with it (``dp``) keeps a thread of another process that reuses the tid from inheriting it.
+_STP_DEPTH = ("t = tid(); dd = d[t] + 1; if (dd > 1 && dp[t] != pid()) { dd = 1 }; d[t] = dd; "
+              "if (dd == 1) { dp[t] = pid() }")
+
+
+def _stp_glob(globs: tuple[str, ...]) -> list[str]:
+    """Module runtime: statements setting ``m`` to 1 when the name at ``p`` (length ``n``) matches a glob."""
+    if not globs:
+        return ["m = 1"]
+
+    def byte(offset: str) -> str:
+        return f"c = user_char(p + {offset}) & 255; if (c >= 65 && c <= 90) c += 32"
+
+    out = ["m = 0"]
+    for glob in globs:
+        pre, suf = glob_parts(glob)
+        fixed = len(pre) + len(suf or b"")
+        cond = f"n == {fixed}" if suf is None else f"n >= {fixed}"
+        body = ["g = 1"]
+        body += [f"{byte(str(i))}; if (c != {ch}) g = 0" for i, ch in enumerate(pre) if ch != ord("?")]
+        body += [f"{byte(f'n - {len(suf) - i}')}; if (c != {ch}) g = 0"
+                 for i, ch in enumerate(suf or b"") if ch != ord("?")]
+        out.append(f"if (m == 0 && {cond}) {{ " + "; ".join(body) + "; if (g) m = 1 }")
+    return out
+
+
+def _stp_name(f: Function, opts: ProbeOptions) -> list[str]:
+    """Module runtime: statements setting ``p``, ``n`` (NAME_MAX = truncated, -1 = NULL), ``af``, ``h`` (the
+    name key, as in :func:`_bt_name`) and ``m`` (passes the globs)."""
+    if f.kind == "fwd":
+        return [f"p = {_stp_arg(f, 0)}; af = 0; n = 0; h = {_FNV_OFFSET_SIGNED}",
+                f"if (p == 0) {{ n = -1; h = 1 }} else while (n < {NAME_MAX}) {{",
+                f"  c = user_char(p + n) & 255; if (c == 0) break; h = (h ^ c) * {_FNV_PRIME}; n++",
+                "}", *_stp_glob(opts.names)]
+    if f.symbol == "getnameinfo":
+        lines = ["af = $sa->sa_family; p = $sa + 4; n = 4",
+                 "if (af == 10) { p = $sa + 8; n = 16 } else if (af != 2) n = 0"]
+    else:
+        lines = ["af = $type; n = $len; p = $addr; if (n > 16) n = 16"]
+    return lines + [f"h = ({_FNV_OFFSET_SIGNED} ^ af) * {_FNV_PRIME}",
+                    "if (p == 0) { n = -1; h = 1 }",
+                    f"for (i = 0; i < n; i++) h = (h ^ (user_char(p + i) & 255)) * {_FNV_PRIME}",
+                    "m = 1"]
+
+
+def _stp_define_name() -> list[str]:
+    """Module runtime: print the N record(s) of a name key not yet seen (``nd`` remembers them)."""
+    def half(offset: int) -> str:
+        return (f'printf("N %d %d %d {offset} ", h, af, n); '
+                f'for (i = {offset}; i < {offset} + k; i++) printf("\\\\x%02x", user_char(p + i) & 255); '
+                'printf("\\n"); emitted <<< 1')
+    return ["if (!(h in nd)) {",
+            f"  nd[h] = 1; k = n; if (k > {HALF}) k = {HALF}; if (k < 0) k = 0",
+            f"  {half(0)}",
+            f"  if (n > {HALF}) {{ k = n - {HALF}; if (k > {HALF}) k = {HALF}; {half(HALF)} }}",
+            "}"]
+
+
+def _stp_entry(f: Function, files: list[tuple[str, list[Function]]], opts: ProbeOptions) -> str:
+    """Module runtime entry probe: nesting depth (``d``), the innermost ``_r`` call's ``h_errnop`` (``he``), and
+    for the outermost call the name key (N record when new) and entry time / key / result pointer by tid."""
+    herr = f"\n  he[t] = {_stp_arg(f, f.herrp_arg)}" if f.herrp_arg is not None else ""
+    resp = _stp_arg(f, f.result_arg) if f.result_arg is not None else "0"
+    if f.kind == "rev" and opts.names:
+        body = ["// name globs are given: reverse lookups are not reported"]
+    else:
+        body = ["now = ktime_get_ns() + $1", *_stp_name(f, opts), "if (m) {",
+                *("  " + line for line in _stp_define_name()), f"  t0[t] = now; nk[t] = h; rp[t] = {resp}", "}"]
+    inner = "\n    ".join(body)
+    return (f"probe {_stp_points(f, files)}\n{{\n  {_STP_DEPTH}{herr}\n  if (dd == 1) {{\n    {inner}\n  }}\n}}")
+
+
+def _stp_result(f: Function, hp: str, rp: str) -> str:
+    """Statements setting ``rc`` and ``herr`` from ``$return`` (see Function.returns); ``hp`` / ``rp`` are the
+    saved h_errnop / result pointer (both runtimes)."""
+    read_herr = f"if ({hp} != 0) herr = user_int({hp}) else herr = -1"
+    if f.returns == "int":
+        return "rc = $return; herr = 0"
+    if f.returns == "ptr":
+        return f"herr = 0; rc = 0; if ($return == 0) {{ rc = -1; {read_herr} }}"
+    return f"rc = $return; herr = 0; if (rc == 0 && {rp} != 0) {{ if (user_long({rp}) == 0) {{ {read_herr} }} }}"
+
+
+def _stp_emit(f: Function, opts: ProbeOptions) -> list[str]:
+    """Module runtime: the outermost return's output, one E record or the summary array updates."""
+    comm = ["s = execname(); c0 = 0; c1 = 0",
+            "for (i = 0; i < 16 && i < strlen(s); i++) {",
+            "  c = stringat(s, i) & 255; if (i < 8) c0 |= c << (8 * i) else c1 |= c << (8 * (i - 8))",
+            "}"]
+    if opts.mode == "events":
+        return comm + [f'printf("E %d %d %d %d {f.fid} %d %d %d %d %d %d\\n", e0, pid(), t, uid(), rc, herr, '
+                       "lat, h, c0, c1)", "emitted <<< 1"]
+    key = f"kp, ku, {f.fid}, h, c0, c1"
+    return comm + [
+        "kp = pid(); ku = uid()",
+        # a key beyond max_keys is not counted (as in bpftrace): every array is bounded, and stap stops the
+        # whole script when an array overflows
+        f"if (!([{key}] in first)) {{ if (nkeys >= {opts.max_keys}) next; nkeys++; first[{key}] = e0 }}",
+        f"if (e0 > last[{key}]) last[{key}] = e0",
+        # log2 bucket of the latency: [2^b, 2^(b+1)) ns
+        "v = lat; b = 0",
+        "if (v >= 4294967296) { v >>= 32; b += 32 }", "if (v >= 65536) { v >>= 16; b += 16 }",
+        "if (v >= 256) { v >>= 8; b += 8 }", "if (v >= 16) { v >>= 4; b += 4 }",
+        "if (v >= 4) { v >>= 2; b += 2 }", "if (v >= 2) b += 1",
+        f"if ([{key}, b] in lat_h || nlat < {opts.max_keys * 4}) {{ if (!([{key}, b] in lat_h)) nlat++; "
+        f"lat_h[{key}, b]++ }}",
+        f"if ((rc != 0 || herr != 0) && ([{key}, rc, herr] in fail || nfail < {opts.max_keys})) "
+        f"{{ if (!([{key}, rc, herr] in fail)) nfail++; fail[{key}, rc, herr]++ }}",
+        # per-minute counts by completion minute, into the array of the minute's parity (see the dump)
+        "mn = gettimeofday_ns() / 60000000000",
+        f"if (mn & 1) {{ if ([{key}, mn] in m1 || n1 < {opts.max_keys}) {{ if (!([{key}, mn] in m1)) n1++; "
+        f"m1[{key}, mn]++ }} }}",
+        f"else {{ if ([{key}, mn] in m0 || n0 < {opts.max_keys}) {{ if (!([{key}, mn] in m0)) n0++; "
+        f"m0[{key}, mn]++ }} }}",
+    ]
+
+
+def _stp_return(f: Function, files: list[tuple[str, list[Function]]], opts: ProbeOptions) -> str:
+    body = "\n      ".join([_stp_result(f, "he[t]", "rp[t]"), *_stp_emit(f, opts)])
+    return (f"probe {_stp_points(f, files, '.return')}\n{{\n  now = ktime_get_ns() + $1; t = tid(); "
+            f"dd = d[t] - 1\n  if (dd > 0) d[t] = dd else {{\n    delete d[t]\n    if (t in t0) {{\n"
+            f"      e0 = t0[t]; h = nk[t]; delete t0[t]; delete nk[t]\n"
+            f"      lat = now - e0\n      {body}\n    }}\n    delete he[t]; delete rp[t]\n  }}\n}}")
+
+
+def _stp_summary_dump(arrays: list[tuple[str, str, int]], when: str) -> str:
+    """Statements printing ``S <when>``, then each (array, record type, extra indexes) as records, then ``Y``."""
+    out = [f'printf("S %d {when}\\n", ktime_get_ns() + $1)']
+    for array, record, extra in arrays:
+        idx = ", ".join(f"k{i}" for i in range(6 + extra))
+        fmt = " ".join(["%d"] * (7 + extra))
+        out.append(f'foreach ([{idx}] in {array}) printf("{record} {fmt}\\n", {idx}, {array}[{idx}])')
+    out.append('printf("Y %d\\n", ktime_get_ns() + $1)')
+    return "\n    ".join(out)
+
+
+def _render_stap_module(opts: ProbeOptions, files: list[tuple[str, list[Function]]]) -> str:
+    hooked = [f for f in FUNCTIONS if any(f in funcs for _p, funcs in files)]
+    probes = [p for f in hooked for p in (_stp_entry(f, files, opts), _stp_return(f, files, opts))]
+    per_tid = "global d%[16384], dp%[16384], t0%[16384], nk%[16384], rp%[16384], he%[16384]"
+    if opts.mode == "events":
+        globals_ = f"{per_tid}\nglobal nd%[{opts.max_keys}], emitted"
+        blocks = 'probe end\n{\n  printf("@emitted: %d\\n", @count(emitted))\n}'
+    else:
+        k = opts.max_keys
+        globals_ = (f"{per_tid}\nglobal nd%[{k}], emitted, first[{k}], last[{k}], lat_h[{k * 4}], fail[{k}], "
+                    f"m0[{k}], m1[{k}], nkeys, nlat, nfail, n0, n1, cur, tick")
+        totals = [("lat_h", "X", 1), ("first", "A", 0), ("last", "Z", 0), ("fail", "F", 2)]
+        blocks = _template("summary.stp.tmpl").replace("{{INTERVAL}}", str(opts.interval)).replace(
+            "{{DUMP_M0}}", _stp_summary_dump([("m0", "M", 1)], "minute")).replace(
+            "{{DUMP_M1}}", _stp_summary_dump([("m1", "M", 1)], "minute")).replace(
+            "{{DUMP_TOTALS}}", _stp_summary_dump(totals, "totals")).replace(
+            "{{DUMP_END}}", _stp_summary_dump(totals + [("m0", "M", 1), ("m1", "M", 1)], "end"))
+    return "\n\n".join([globals_, _STP_ATTACHED, *probes, _STP_THREAD_END, blocks]) + "\n"
+
+
+#: Module runtime: a thread that dies inside a lookup leaves no state behind (as bpftrace's sched_process_exit;
+#: the bpf runtime ignores utrace probes and has no tracepoints without kernel headers, see _STP_DEPTH).
+_STP_THREAD_END = """probe process.thread.end
+{
+  t = tid(); delete d[t]; delete dp[t]; delete t0[t]; delete nk[t]; delete rp[t]; delete he[t]
+}"""
+
+
+#: Both runtimes print B from the first timer tick: by then the uprobes are enabled (stapbpf enables them only
+#: after the begin probe), and stapbpf needs some probe to run after SIGINT to notice its exit flag.
+_STP_ATTACHED = """global started
+probe timer.ms(100)
+{
+  if (!started) { started = 1; printf("B %ld\\n", ktime_get_ns() + $1) }
+}"""
+
+
+# -- stap's bpf runtime: events only; raw lines that the runner assembles (StapBpfAssembler in runner.py)
+
+def _stb_haszero() -> str:
+    """bpf runtime: statements setting ``z`` non-zero when the word ``w`` has a zero byte. The 64-bit
+    constants are computed: stap 4.8's bpf code generator miscompiles 64-bit immediates in arithmetic."""
+    return "k = 16843009; z = k << 32; k = k | z; z = w - k; z = z & ~w; k = k << 7; z = z & k"
+
+
+def _stb_stages(f: Function, comm_offset: int) -> list[list[str]]:
+    """bpf runtime return-probe bodies, in the order they must run. The first decides whether this return ends
+    the outermost call (``out[t]``) and prints the ``a`` line and the first name words; the middle ones print
+    more name words while the name goes on (``more[t]``, last word in ``lw[t]``); the last prints ``r``."""
+    first = ["t = tid(); dd = d[t] - 1",
+             "if (dd > 0) { d[t] = dd } else {",
+             "  delete d[t]",
+             "  if (!(t in t0)) { delete he[t] } else {",
+             "    out[t] = 1; e0 = t0[t]; p = np[t]; lat = ktime_get_ns() + $1; lat = lat - e0",
+             "    af = naf[t]; n = nn[t]; o = p & 7; a = p - o; if (p == 0) { n = -1 }",
+             f'    printf("a %ld {f.fid} %ld %ld %ld %ld %ld\\n", t, af, n, o, e0, lat)']
+    if f.kind == "rev":
+        # the address (at most 16 bytes): the aligned words that hold its bytes, at most 3
+        first += ["    e = o + n",
+                  *(f'    if (e > {8 * i}) {{ w = user_long(a + {8 * i}); printf("w %ld {i} %ld\\n", t, w) }}'
+                    for i in range(3)),
+                  "  }", "}"]
+        return [first, _stb_last(f, comm_offset)]
+    first += ["    if (p != 0) {",
+              '      w = user_long(a); printf("w %ld 0 %ld\\n", t, w)',
+              # the bytes before the name are not its end: make them non-zero
+              "      m = o * 8; m = 1 << m; m = m - 1; w = w | m"]
+    stages, index = [first], 1
+    for n, count in enumerate(_STAP_BPF_STAGE_WORDS):
+        ind = "      " if n == 0 else "  "
+        lines = [] if n == 0 else ["t = tid()", "if (out[t] && more[t]) {", "  a = np[t]; a = a & -8; w = lw[t]"]
+        for i in range(index, min(index + count, STAP_BPF_WORDS)):
+            # read the next aligned word only while no zero byte has ended the name: an aligned word never
+            # crosses a page, so nothing is read from a page the name does not reach
+            lines += [f"{ind}{_stb_haszero()}",
+                      f'{ind}if (z == 0) {{ w = user_long(a + {8 * i}); printf("w %ld {i} %ld\\n", t, w) }}']
+        index += count
+        lines += [f"{ind}{_stb_haszero()}", f"{ind}more[t] = z == 0; lw[t] = w"]
+        if n == 0:
+            stages[0] = first + lines + ["    }", "  }", "}"]
+        else:
+            stages.append(lines + ["}"])
+    return stages + [_stb_last(f, comm_offset)]
+
+
+def _stb_last(f: Function, comm_offset: int) -> list[str]:
+    """bpf runtime: the last stage prints the ``r`` line (result, pid, uid, comm) and forgets the thread."""
+    return ["t = tid()", "if (out[t]) {",
+            f"  {_stp_result(f, 'he[t]', 'rp[t]')}",
+            f"  ts = fleetdns_task(); c0 = user_long(ts + {comm_offset}); c1 = user_long(ts + {comm_offset + 8})",
+            '  printf("r %ld %ld %ld %ld %ld %ld %ld\\n", t, pid(), uid(), rc, herr, c0, c1)',
+            "  delete out[t]; delete more[t]; delete lw[t]; delete t0[t]; delete np[t]; delete rp[t]; "
+            "delete he[t]; delete naf[t]; delete nn[t]",
+            "}"]
+
+
+def _stb_entry(f: Function, files: list[tuple[str, list[Function]]]) -> str:
+    """bpf runtime entry probe: depth, the innermost ``h_errnop``, and for the outermost call the entry time
+    and the pointers the return probe reads (the name is read at return: the caller's buffer is still there)."""
+    lines = ["now = ktime_get_ns() + $1", _STP_DEPTH]
+    if f.herrp_arg is not None:
+        lines.append(f"he[t] = {_stp_arg(f, f.herrp_arg)}")
+    save = [f"t0[t] = now; rp[t] = {_stp_arg(f, f.result_arg) if f.result_arg is not None else 0}"]
+    if f.kind == "fwd":
+        save.append(f"np[t] = {_stp_arg(f, 0)}; naf[t] = 0; nn[t] = -2")
+    elif f.symbol == "getnameinfo":
+        # sa_family is the first u16 (an unaligned read stays inside the sockaddr's 16 bytes)
+        save += ["s = $sa; af = user_long(s); af = af & 65535; naf[t] = af",
+                 "if (af == 10) { np[t] = s + 8; nn[t] = 16 } "
+                 "else { np[t] = s + 4; if (af == 2) { nn[t] = 4 } else { nn[t] = 0 } }"]
+    else:
+        # the length follows from the family: stap 4.8's bpf code generator miscompiles reads of unsigned
+        # 32-bit DWARF values such as $len (socklen_t)
+        save += ["af = $type; naf[t] = af; np[t] = $addr",
+                 "if (af == 10) { nn[t] = 16 } else { if (af == 2) { nn[t] = 4 } else { nn[t] = 0 } }"]
+    lines.append("if (dd == 1) { " + "; ".join(save) + " }")
+    return f"probe {_stp_points(f, files)}\n{{\n  " + "\n  ".join(lines) + "\n}"
+
+
+def _render_stap_bpf(opts: ProbeOptions, files: list[tuple[str, list[Function]]]) -> str:
+    comm_offset = task_comm_offset()
+    hooked = [f for f in FUNCTIONS if any(f in funcs for _p, funcs in files)]
+    probes = []
+    for f in hooked:
+        probes.append(_stb_entry(f, files))
+        # stapbpf runs the handlers of one probe point last-registered first: print them in reverse
+        for stage in reversed(_stb_stages(f, comm_offset)):
+            body = "\n  ".join(stage)
+            probes.append(f"probe {_stp_points(f, files, '.return')}\n{{\n  {body}\n}}")
+    globals_ = ("global d%[16384], dp%[16384], he%[16384], t0%[16384], np%[16384], rp%[16384], naf%[16384], "
+                "nn%[16384], out%[16384], more%[16384], lw%[16384]")
+    task = ("// the current task_struct (the tapset's task_current() needs kernel debuginfo; this needs -g)\n"
+            "function fleetdns_task:long () %{ /* bpf */ /* pure */\n  call, $$, get_current_task;\n%}")
+    return "\n\n".join([task, globals_, _STP_ATTACHED, *probes]) + "\n"
+
+
 def _render_stap(opts: ProbeOptions, files: list[tuple[str, list[Function]]]) -> str:
-    raise UsageError("the stap backend is not implemented yet", hint="use --backend bpftrace")
+    runtime = opts.resolved_stap_runtime()
+    body = _render_stap_module(opts, files) if runtime == "module" else _render_stap_bpf(opts, files)
+    return (_template("dnsprobe.stp.tmpl")
+            .replace("{{FILES}}", ", ".join(p for p, _f in files))
+            .replace("{{MODE}}", opts.mode)
+            .replace("{{RUNTIME}}", runtime)
+            .replace("{{FILTERS}}", _filters_text(opts))
+            .replace("{{BODY}}", body))
+
+
+def stap_arguments(opts: ProbeOptions) -> list[str]:
+    """stap's options for a script rendered from ``opts`` (before the script path; the script's $1, the
+    CLOCK_BOOTTIME − CLOCK_MONOTONIC offset in ns, goes after it)."""
+    if opts.resolved_stap_runtime() == "bpf":
+        # -g for fleetdns_task(); -r RELEASE finds the build tree with the System.map that return probes need
+        return ["-g", "--runtime=bpf", "-r", os.uname().release]
+    # the name loops (256 bytes, read, hashed, printed) need more statements than the default 1000 a probe;
+    # a summary dump prints every key in one timer probe
+    return [f"-DMAXACTION={max(20_000, opts.max_keys * 64)}", "-DMAXSKIPPED=1000000"]

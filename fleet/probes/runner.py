@@ -27,16 +27,23 @@ Command line (stdlib only; this is what runs on fleet hosts)::
 
     python -m fleet.probes.runner [--backend bpftrace|stap] [--mode events|summary] [--duration S]
         [--output FILE|-] [--libc PATH] [--binary PATH]... [--names GLOB]... [--cgroup PATH]
-        [--interval S] [--max-keys N] [--print-script]
+        [--interval S] [--max-keys N] [--stap-runtime module|bpf] [--print-script]
 
 SIGINT and SIGTERM end the capture cleanly: the runner forwards SIGINT to the backend's own pid (the backend
 runs in its own session, so a terminal's Ctrl-C reaches only the runner), the backend prints its final maps
 (summary) and exits, and the trailer is written.
+
+stap: the module runtime runs as ``stap … dnsprobe.stp OFFSET`` and prints records itself. The bpf runtime's
+script is compiled first (``stap -p4``) and its BPF program run by ``stapbpf`` directly (so SIGINT can go to its
+main thread, see :func:`_interrupt_stapbpf`); its raw lines become records in :class:`StapBpfAssembler`. stap's
+loss reports on stderr become ``L`` records. The runner never adds LD_PRELOAD or other sandbox accommodations:
+the lab provides its memlock shim through the environment.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import os
 import platform
@@ -76,6 +83,14 @@ _MAP_RECORD = {b"lat": b"X", b"first": b"A", b"last": b"Z", b"fail": b"F", b"m0"
 _NOISE = (b"couldn't set RLIMIT_MEMLOCK", b"Addrspace is not set", b"available_filter_functions")
 _TRACEFS = ("/sys/kernel/tracing/uprobe_events", "/sys/kernel/debug/tracing/uprobe_events")
 _PACKAGES = {"bpftrace": "bpftrace", "stap": "systemtap"}
+# stap's stderr: loss reports (stapbpf stops after its first lost event; the module runtime reports at exit)
+_STAP_LOSS = (re.compile(rb"WARNING: lost (\d+) perf_events"), re.compile(rb"There were (\d+) transport failures"),
+              re.compile(rb"skipped probes: (\d+)"))
+# stderr lines of stap that are expected and harmless here
+_STAP_NOISE = (b"Tip: /usr/share/doc/systemtap", b"Could not open /dev/kmsg", b"Number of errors: 0, skipped probes: 0")
+#: after SIGINT to stapbpf's main thread, wait this long before SIGTERM to it (see _interrupt_stapbpf)
+STAPBPF_TERM_AFTER = 3.0
+_SYS_TGKILL = 234  # x86-64
 
 
 def wall_offset_ns() -> int:
@@ -98,6 +113,12 @@ def check_environment(opts: render.ProbeOptions) -> str:
     if opts.backend == "bpftrace" and not any(os.path.exists(p) for p in _TRACEFS):
         raise EnvironmentProblem("tracefs is not mounted (uprobes need it)",
                                  hint="mount -t tracefs tracefs /sys/kernel/tracing")
+    if opts.backend == "stap" and opts.resolved_stap_runtime() == "bpf":
+        if shutil.which("stapbpf") is None:
+            raise MissingProgram("stapbpf", _PACKAGES["stap"])
+        if not os.path.exists(_TRACEFS[1]):  # stapbpf writes uprobe_events under debugfs only
+            raise EnvironmentProblem("debugfs is not mounted (stap's bpf runtime uses /sys/kernel/debug/tracing)",
+                                     hint="mount -t debugfs debugfs /sys/kernel/debug")
     return program
 
 
@@ -130,7 +151,15 @@ def _header(opts: render.ProbeOptions, program: str, offset: int) -> dict[str, A
         "interval_s": opts.interval, "max_keys": opts.max_keys,
         "functions": {str(k): v for k, v in render.FUNCTION_NAMES.items()},
         "runner_pid": os.getpid(),
+        **(_stap_header(opts) if opts.backend == "stap" else {}),
     }
+
+
+def _stap_header(opts: render.ProbeOptions) -> dict[str, Any]:
+    """Header fields of a stap capture: the runtime, and the length from which names are truncated."""
+    runtime = opts.resolved_stap_runtime()
+    return {"backend_runtime": runtime,
+            "name_max": render.STAP_BPF_NAME_MAX if runtime == "bpf" else render.NAME_MAX}
 
 
 def _map_record(line: bytes) -> bytes | None:
@@ -154,6 +183,90 @@ def _table_row(line: bytes, offset: int, names: dict[int, bytes]) -> dict[str, A
             "result": cf.result_name(fid, rc, herr), "latency_ns": lat}
 
 
+def name_key(af: int, name: bytes | None) -> int:
+    """The probes' name key (docs/capture-format.md): FNV-1a over the address family (reverse lookups only)
+    and the name bytes; 1 for a NULL name."""
+    if name is None:
+        return 1
+    h = render._FNV_OFFSET
+    if af:
+        h = ((h ^ af) * render._FNV_PRIME) % 2**64
+    for c in name:
+        h = ((h ^ c) * render._FNV_PRIME) % 2**64
+    return h
+
+
+class StapBpfAssembler:
+    """Turns the raw lines of stap's bpf-runtime script into capture records (N when a name key is new, E).
+
+    Per lookup the script prints, from one return probe (so in order, on one CPU)::
+
+        a <tid> <fid> <af> <len> <align> <boot_ns> <latency_ns>   len: -1 NULL, -2 a name (ends at its NUL)
+        w <tid> <index> <word>                                    aligned 8-byte words from (pointer - align)
+        r <tid> <pid> <uid> <rc> <herr> <comm0> <comm1>           the end: the lookup's record is complete
+
+    Names are cut at :data:`render.STAP_BPF_NAME_MAX` bytes: a longer one gets length NAME_MAX (truncated).
+    :meth:`feed` returns the record lines for one input line (other lines pass through unchanged);
+    ``unfinished()`` counts lookups begun (``a``) but never ended (``r``), and ``stray`` lines without ``a``.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[int, tuple[list[int], dict[int, int]]] = {}
+        self.defined: set[int] = set()
+        self.stray = 0
+
+    def feed(self, line: bytes) -> list[bytes]:
+        kind = line[:2]
+        if kind not in (b"a ", b"w ", b"r "):
+            return [line]
+        try:
+            fields = [int(x) for x in line[2:].split()]
+        except ValueError:
+            self.stray += 1
+            return []
+        if kind == b"a " and len(fields) == 7:
+            self.pending[fields[0]] = (fields[1:], {})
+            return []
+        lookup = self.pending.get(fields[0]) if fields else None
+        if lookup is None:
+            self.stray += 1
+            return []
+        if kind == b"w " and len(fields) == 3:
+            lookup[1][fields[1]] = fields[2] % 2**64
+            return []
+        if kind == b"r " and len(fields) == 7:
+            del self.pending[fields[0]]
+            return self._records(fields, *lookup)
+        self.stray += 1
+        return []
+
+    def unfinished(self) -> int:
+        return len(self.pending)
+
+    def _records(self, end: list[int], begin: list[int], words: dict[int, int]) -> list[bytes]:
+        tid, pid, uid, rc, herr, c0, c1 = end
+        fid, af, length, align, t0, lat = begin
+        data = b"".join(words[i].to_bytes(8, "little") for i in range(len(words)) if i in words)[align:]
+        if length == -1:
+            name, key = b"", 1
+        elif length == -2:  # a name: up to its NUL, or cut (flagged) at STAP_BPF_NAME_MAX bytes
+            end_at = data.find(b"\0")
+            if 0 <= end_at < render.STAP_BPF_NAME_MAX:
+                name, length = data[:end_at], end_at
+            else:
+                name, length = data[:render.STAP_BPF_NAME_MAX], render.NAME_MAX
+            key = name_key(0, name)
+        else:  # an address of `length` bytes
+            name = data[:length]
+            key = name_key(af, name)
+        out = []
+        if key not in self.defined:
+            self.defined.add(key)
+            out.append(b"N %d %d %d 0 %s\n" % (key, af, length, cf.hex_bytes(name).encode()))
+        out.append(b"E %d %d %d %d %d %d %d %d %d %d %d\n" % (t0, pid, tid, uid, fid, rc, herr, lat, key, c0, c1))
+        return out
+
+
 class _Stopper:
     """Ends the backend once: on our SIGINT/SIGTERM, ``stop``, or the duration running out.
 
@@ -161,8 +274,9 @@ class _Stopper:
     SIGINT to the backend's own pid: bpftrace then runs END (final summary maps, @emitted) and exits.
     """
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], interrupt: Callable[[], None] | None = None) -> None:
         self.proc = proc
+        self.interrupt = interrupt or (lambda: proc.send_signal(signal.SIGINT))
         self.reason: str | None = None
         self.lock = threading.Lock()
         self.timer: threading.Timer | None = None
@@ -184,7 +298,7 @@ class _Stopper:
                 break
             time.sleep(0.05)
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.interrupt()
         try:
             self.proc.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
@@ -220,15 +334,22 @@ def run_probe(opts: render.ProbeOptions, output: str | IO[bytes], *, duration: f
                                      prefix="fleetdns-", delete=False) as f:
         f.write(script)
         script_path = f.name
-    out, close = _open_output(output)
+    workdir = tempfile.mkdtemp(prefix="fleetdns-") if opts.backend == "stap" else None
     try:
-        out.write(cf.header_line(header))
-        out.flush()
-        return _run(opts, program, script_path, out, offset, duration, table_callback, ready_callback, stop)
+        argv = _command(program, script_path, offset) if workdir is None else \
+            stap_command(opts, program, script_path, workdir)
+        out, close = _open_output(output)
+        try:
+            out.write(cf.header_line(header))
+            out.flush()
+            return _run(opts, argv, out, offset, duration, table_callback, ready_callback, stop)
+        finally:
+            if close:
+                out.close()
     finally:
         os.unlink(script_path)
-        if close:
-            out.close()
+        if workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _open_output(output: str | IO[bytes]) -> tuple[IO[bytes], bool]:
@@ -273,16 +394,56 @@ class _Flusher:
 
 
 def _command(program: str, script_path: str, offset: int) -> list[str]:
-    """bpftrace's command line (the only backend rendered so far); $1 is the wall-clock offset."""
+    """bpftrace's command line; $1 is the wall-clock offset."""
     # -B line: flush each record as printed, so the file is current and a kill loses at most a line
     return [program, "-B", "line", script_path, str(offset)]
 
 
-def _run(opts, program, script_path, file, offset, duration, table_callback, ready_callback, stop) -> dict[str, Any]:
+def stap_command(opts: render.ProbeOptions, program: str, script_path: str, workdir: str) -> list[str]:
+    """stap's command line. The script's $1 is CLOCK_BOOTTIME − CLOCK_MONOTONIC (stap's clock is
+    ktime_get_ns()). The bpf runtime's script is compiled here (into ``workdir``) and run by stapbpf
+    directly, so that the runner can stop it (see _interrupt_stapbpf); raises EnvironmentProblem when stap
+    cannot compile it."""
+    # boottime between two monotonic reads (their midpoint); never negative (stap would take "-…" for an option)
+    a = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    boot = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+    b = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+    script_args = [script_path, str(max(0, boot - (a + b) // 2))]
+    if opts.resolved_stap_runtime() == "module":
+        return [program, *render.stap_arguments(opts), *script_args]
+    try:
+        done = subprocess.run([program, "-p4", *render.stap_arguments(opts), "-m", "fleetdns_probe", *script_args],
+                              cwd=workdir, capture_output=True,
+                              stdin=subprocess.DEVNULL, timeout=600, check=False)
+    except subprocess.TimeoutExpired:
+        raise EnvironmentProblem("stap took more than 10 minutes to compile the probe") from None
+    module = os.path.join(workdir, "fleetdns_probe.bo")
+    if done.returncode != 0 or not os.path.exists(module):
+        lines = [line for line in done.stderr.decode("utf-8", "replace").splitlines()
+                 if line.strip() and not any(n.decode() in line for n in _STAP_NOISE)]
+        raise EnvironmentProblem(f"stap could not compile the probe: {'; '.join(lines[-3:]) or done.returncode}")
+    return [shutil.which("stapbpf") or "stapbpf", module]
+
+
+def _interrupt_stapbpf(proc: subprocess.Popen[bytes]) -> None:
+    """Stop stapbpf like Ctrl-C. Its SIGINT handler sets the exit flag and then ignores SIGINT; if a
+    process-directed signal lands on its perf-reading thread, the main thread stays in pause() for good. So
+    the signal goes to the main thread (tgkill), and SIGTERM (same handler, not yet ignored) follows if it
+    has not exited after STAPBPF_TERM_AFTER seconds."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall(_SYS_TGKILL, proc.pid, proc.pid, signal.SIGINT)
+    try:
+        proc.wait(STAPBPF_TERM_AFTER)
+    except subprocess.TimeoutExpired:
+        libc.syscall(_SYS_TGKILL, proc.pid, proc.pid, signal.SIGTERM)
+
+
+def _run(opts, argv, file, offset, duration, table_callback, ready_callback, stop) -> dict[str, Any]:
     env = {**os.environ, **render.backend_env(opts)}
-    proc = subprocess.Popen(_command(program, script_path, offset), stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
-    stopper = _Stopper(proc)
+    stapbpf = opts.backend == "stap" and opts.resolved_stap_runtime() == "bpf"
+    stopper = _Stopper(proc, (lambda: _interrupt_stapbpf(proc)) if stapbpf else None)
     out = _Flusher(file)
     attached = False
     attach_timer = threading.Timer(ATTACH_TIMEOUT, lambda: attached or stopper.kill(
@@ -290,8 +451,13 @@ def _run(opts, program, script_path, file, offset, duration, table_callback, rea
     attach_timer.daemon = True
     attach_timer.start()
     messages: list[str] = []
-    err_thread = threading.Thread(target=_read_stderr, args=(proc.stderr, messages), daemon=True)
+    stap_losses: list[int] = []  # loss counts from stap's stderr
+    err_thread = threading.Thread(target=_read_stderr, args=(proc.stderr, messages, stap_losses), daemon=True)
     err_thread.start()
+    # the stap module runtime prints summary records itself; stapbpf's raw lines are assembled into records
+    direct = b"ENSYBXAZFM" if opts.backend == "stap" else b"ENSYB"
+    assembler = StapBpfAssembler() if stapbpf else None
+    lines = proc.stdout if assembler is None else (r for line in proc.stdout for r in assembler.feed(line))
     if stop is not None:
         threading.Thread(target=lambda: stop.wait() and stopper.stop("stopped"), daemon=True).start()
     handlers = {}
@@ -302,10 +468,10 @@ def _run(opts, program, script_path, file, offset, duration, table_callback, rea
     emitted: int | None = None  # the probe's own count of printf records, from END
     names: dict[int, str] = {}  # name key → display text, for the live table only
     try:
-        for line in proc.stdout:
+        for line in lines:
             stopper.last_output = time.monotonic()
             kind = line[:1]
-            if kind in b"ENSYB" and line[1:2] == b" ":
+            if kind in direct and line[1:2] == b" ":
                 out.write(line)
                 records += 1
                 printed += kind in b"EN"
@@ -352,6 +518,13 @@ def _run(opts, program, script_path, file, offset, duration, table_callback, rea
     err_thread.join(timeout=5)
     if stopper.killed:
         messages.append(f"killed: {stopper.killed}")
+    for count in stap_losses:
+        out.write(b"L %d\n" % count)
+        lost += count
+    if assembler is not None and assembler.unfinished():
+        # lookups whose last line never came (stapbpf stopped after a loss): lost as well
+        out.write(b"L %d\n" % assembler.unfinished())
+        lost += assembler.unfinished()
     trailer = {
         "end_time_ns": time.time_ns(), "end_boot_ns": time.clock_gettime_ns(time.CLOCK_BOOTTIME),
         "wall_offset_end_ns": wall_offset_ns(), "exit_status": proc.returncode,
@@ -366,9 +539,13 @@ def _run(opts, program, script_path, file, offset, duration, table_callback, rea
     return trailer
 
 
-def _read_stderr(stream: IO[bytes], messages: list[str]) -> None:
+def _read_stderr(stream: IO[bytes], messages: list[str], losses: list[int]) -> None:
+    """Collect the backend's unexpected stderr lines into ``messages`` and stap's loss reports into ``losses``."""
     for line in stream:
-        if line.strip() and not any(n in line for n in _NOISE):
+        for pattern in _STAP_LOSS:
+            if (m := pattern.search(line)) is not None and int(m.group(1)):
+                losses.append(int(m.group(1)))
+        if line.strip() and not any(n in line for n in _NOISE + _STAP_NOISE):
             messages.append(line.decode("utf-8", "replace").strip()[:200])
 
 
@@ -385,10 +562,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cgroup", default=None)
     p.add_argument("--interval", type=int, default=60)
     p.add_argument("--max-keys", type=int, default=65536)
+    p.add_argument("--stap-runtime", choices=render.STAP_RUNTIMES, default=None,
+                   help="stap's runtime (default: $FLEETDNS_STAP_RUNTIME, else module when kernel headers exist)")
     p.add_argument("--print-script", action="store_true", help="print the rendered script and exit")
     a = p.parse_args(argv)
     opts = render.ProbeOptions(backend=a.backend, mode=a.mode, libc=a.libc, binaries=tuple(a.binary),
-                               names=tuple(a.names), cgroup=a.cgroup, interval=a.interval, max_keys=a.max_keys)
+                               names=tuple(a.names), cgroup=a.cgroup, interval=a.interval, max_keys=a.max_keys,
+                               stap_runtime=a.stap_runtime)
     try:
         if a.print_script:
             sys.stdout.write(render.render(opts))
