@@ -4,7 +4,7 @@ Opt-in because stap's bpf runtime has oopsed this sandbox's kernel when several 
 holds ``/tmp/fleetdns-stap.lock`` while its probe runs (run these tests alone, never with ``-n``). On this
 machine stap runs its bpf runtime (no loadable modules); it needs the lab's accommodations (kernel build stub,
 memlock shim: ``fleet.lab.accommodations``) and debugfs. Lookups are answered from /etc/hosts only (the
-``files_only`` fixture of test_probe_local.py).
+``files_only`` fixture of tests/probe/conftest.py).
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from fleet.probes import render, runner
 from tests.probe import test_probe_local as local
 from tests.probe.test_probe_local import ODD_NAMES, PY_LOOKUPS, Probe, spawn
 
-# the bpftrace tests' fixtures, registered here too: lookups from /etc/hosts only, the C workloads
-files_only = local.files_only
+# the bpftrace tests' C workloads, registered here too (files_only comes from conftest.py)
 cprogs = local.cprogs
 
 LOCK = "/tmp/fleetdns-stap.lock"
