@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from fleet.durations import format_duration
 from fleet.errors import ExitCode, FleetError, HostsFailed, NotImplementedYet, UsageError
@@ -176,12 +176,14 @@ def runs_command() -> None:
     """
     from fleet import gather, store
 
-    table = Table("run", "created", "hosts", "mode", "duration", "label")
+    # ids, times and counts are what people copy and grep: never wrapped or cut, whatever the terminal's width
+    table = Table(Column("run", no_wrap=True, min_width=16), Column("created (UTC)", no_wrap=True, min_width=19),
+                  Column("hosts", no_wrap=True), "mode", "duration", "label")
     for run in store.list_runs():
         m = run.manifest
         opts = m.get("options") or {}
         counts = ", ".join(f"{n} {s}" for s, n in sorted(gather.summary(run).items()))
-        table.add_row(run.id, m.get("created", ""), counts, opts.get("mode") or "",
+        table.add_row(run.id, m.get("created", "")[:19].replace("T", " "), counts, opts.get("mode") or "",
                       format_duration(opts["duration_s"]) if opts.get("duration_s") else "", opts.get("label") or "")
     out.print(table)
 
@@ -211,7 +213,8 @@ def _watch_and_gather(run, fleet, *, keep_remote: bool, compress: bool) -> None:
         capture.stop(run, fleet)
         capture.watch(run, fleet, view, until=time.time() + 30)
     gather.pull(run, fleet, keep_remote=keep_remote, compress=compress, on_host=_print_host)
-    table = Table("host", "status", "events", "lost", "bytes", "window (UTC)", "reason", title=f"run {run.id}")
+    table = Table(Column("host", no_wrap=True), "status", "events", "lost", "bytes", "window (UTC)", "reason",
+                  title=f"run {run.id}")
     for host, e in run.manifest["hosts"].items():
         window = e.get("window") or {}
         span = f"{(window.get('start') or '')[11:19]}–{(window.get('end') or '')[11:19]}" if window.get("start") else ""

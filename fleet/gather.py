@@ -114,7 +114,7 @@ def _pull_host(run: Run, conn: Connection, manifest: ManifestLock, keep_remote: 
         return
     part = run.host_file(host).with_name(run.host_file(host).name + ".part")
     try:
-        conn.fetch(f"{remote_dir(run.id)}/capture", part, size=status["bytes"], sha256=status["sha256"])
+        moved = conn.fetch(f"{remote_dir(run.id)}/capture", part, size=status["bytes"], sha256=status["sha256"])
     except SshError as exc:
         manifest.update(host, status="unreachable",
                         reason=f"{exc} (kept {part.name}: gather again to continue)")
@@ -135,7 +135,7 @@ def _pull_host(run: Run, conn: Connection, manifest: ManifestLock, keep_remote: 
         part.rename(target)
     result, reason = classify(status)
     manifest.update(host, status=result, reason=reason, file=str(target.relative_to(run.path)),
-                    bytes=status["bytes"], sha256=status["sha256"])
+                    bytes=status["bytes"], sha256=status["sha256"], resumed_from=status["bytes"] - moved)
     if not keep_remote:
         try:
             conn.run([PROBE, "run", "remove", run.id], timeout=30)
