@@ -9,8 +9,8 @@ from the inventory's ``UserKnownHostsFile`` (else ``~/.ssh/known_hosts``) and an
         data = c.read_file("/var/lib/fleetdns/runs/RUN/status.json")      # small files, one SFTP round trip
         n = c.fetch(remote, local_part, size=N, sha256=HEX)               # → bytes transferred
 
-``fetch`` streams with pipelined SFTP reads (paramiko's prefetch: many 32 KiB requests in flight), hashes while
-writing, continues an existing ``.part`` from its length, and checks size and SHA-256 against the host's before
+``fetch`` streams with pipelined SFTP reads (paramiko's prefetch: 8 MiB of 32 KiB requests in flight), hashes
+while writing, continues an existing ``.part`` from its length, and checks size and SHA-256 against the host's before
 returning; memory stays flat in the file size.
 """
 
@@ -30,6 +30,8 @@ CONNECT_TIMEOUT = 10.0
 #: SFTP reads give up after this long without data (a host whose network went away mid-transfer)
 IO_TIMEOUT = 30.0
 BLOCK = 1 << 20
+#: bytes requested ahead per transfer (memory per host in flight)
+WINDOW = 8 << 20
 
 
 class SshError(Exception):
@@ -154,24 +156,28 @@ class Connection:
             with open(part, "rb") as f:
                 for block in iter(lambda: f.read(BLOCK), b""):
                     h.update(block)
-        moved = 0
+        pos = have
         try:
             with self.sftp().open(remote, "rb") as src, open_private(part, "ab") as dst:
-                if have < size:
-                    src.seek(have)
-                    src.prefetch(size)
-                    while have + moved < size:
-                        block = src.read(min(BLOCK, size - have - moved))
+                while pos < size:
+                    # one window of pipelined 32 KiB reads at a time: paramiko buffers whatever has arrived and
+                    # scans that buffer on every read, so an unbounded prefetch grows memory with the file
+                    end = min(size, pos + WINDOW)
+                    src.seek(pos)
+                    src.prefetch(end)
+                    while pos < end:
+                        block = src.read(min(BLOCK, end - pos))
                         if not block:
-                            break
+                            raise EOFError(f"the file ended at {pos} bytes")
                         h.update(block)
                         dst.write(block)
-                        moved += len(block)
+                        pos += len(block)
         except FileNotFoundError:
             raise
         except (paramiko.SSHException, OSError, EOFError) as exc:
             self.close()
-            raise SshError("unreachable", f"transfer interrupted after {have + moved} bytes: {exc}") from None
+            raise SshError("unreachable", f"transfer interrupted after {pos} bytes: {exc}") from None
+        moved = pos - have
         got = part.stat().st_size
         if got != size or h.hexdigest() != sha256:
             part.unlink()
