@@ -7,9 +7,10 @@ API::
     summary(run) -> {status: count}
 
 Per host (hosts in parallel, a bounded pool), skipping hosts whose file is already safely local and hosts that
-never started: ``fleetdns-probe run finish RUN --wait S`` (the final status with the host's SHA-256) → SFTP
-fetch into ``raw/HOST.capture.part`` (continued from its length on a re-run) → size and SHA-256 checked →
-renamed (or gzip'd with ``compress``) → manifest updated → ``run remove`` on the host unless ``keep_remote``.
+never started: the final ``status.json`` with the host's SHA-256 (read over SFTP; from ``fleetdns-probe run
+finish RUN --wait S`` while the recorder is still ending or was killed) → SFTP fetch into ``raw/HOST.capture.part``
+(continued from its length on a re-run) → size and SHA-256 checked → renamed (or gzip'd with ``compress``) →
+manifest updated → the host's run directory deleted unless ``keep_remote``.
 A host that fails keeps its reason in the manifest and what is on its disk; the others carry on.
 """
 
@@ -96,13 +97,11 @@ def _pull_host(run: Run, conn: Connection, manifest: ManifestLock, keep_remote: 
                wait: float) -> None:
     host = conn.host.name
     try:
-        rc, out, err = conn.run([PROBE, "run", "finish", run.id, "--wait", f"{wait:g}"], timeout=wait + 30)
+        status, rc, err = _final_status(conn, run.id, wait)
     except SshError as exc:
         manifest.update(host, status="unreachable", reason=f"{exc} (the capture stays on the host: gather again)")
         return
-    try:
-        status = json.loads(out)
-    except ValueError:
+    if status is None:
         manifest.update(host, status="failed", reason=(err.strip().splitlines() or [f"exit status {rc}"])[-1])
         return
     manifest.update(host, **host_fields(status))
@@ -137,10 +136,35 @@ def _pull_host(run: Run, conn: Connection, manifest: ManifestLock, keep_remote: 
     manifest.update(host, status=result, reason=reason, file=str(target.relative_to(run.path)),
                     bytes=status["bytes"], sha256=status["sha256"], resumed_from=status["bytes"] - moved)
     if not keep_remote:
-        try:
-            conn.run([PROBE, "run", "remove", run.id], timeout=30)
-        except SshError:
-            pass  # the verified copy is local; the host's copy is removed on the next gather or by hand
+        _remove(conn, run.id)
+
+
+def _final_status(conn: Connection, run_id: str, wait: float) -> tuple[dict[str, Any] | None, int, str]:
+    """(final status.json or None, exit status, stderr): read over SFTP when the recorder already finished
+    (the common case: no process started on the host), else from ``run finish``, which waits and completes the
+    status of a killed recorder."""
+    try:
+        status = json.loads(conn.read_file(f"{remote_dir(run_id)}/status.json"))
+        if status.get("state") in ("finished", "failed") and status.get("ended"):
+            return status, 0, ""
+    except (FileNotFoundError, ValueError):
+        pass  # ask the host: it says what is wrong
+    rc, out, err = conn.run([PROBE, "run", "finish", run_id, "--wait", f"{wait:g}"], timeout=wait + 30)
+    try:
+        return json.loads(out), rc, err
+    except ValueError:
+        return None, rc, err
+
+
+def _remove(conn: Connection, run_id: str) -> None:
+    """Delete the host's run directory over SFTP (it holds only files the recorder wrote and has finished)."""
+    try:
+        sftp = conn.sftp()
+        for name in sftp.listdir(remote_dir(run_id)):
+            sftp.remove(f"{remote_dir(run_id)}/{name}")
+        sftp.rmdir(remote_dir(run_id))
+    except (SshError, OSError):
+        pass  # the verified copy is local; `fleetdns-probe run remove RUN` on the host finishes the job
 
 
 def pull(run: Run, fleet: dict[str, Connection], *, keep_remote: bool = False, compress: bool = False,

@@ -9,7 +9,7 @@ from the inventory's ``UserKnownHostsFile`` (else ``~/.ssh/known_hosts``) and an
         data = c.read_file("/var/lib/fleetdns/runs/RUN/status.json")      # small files, one SFTP round trip
         n = c.fetch(remote, local_part, size=N, sha256=HEX)               # → bytes transferred
 
-``fetch`` streams with pipelined SFTP reads (paramiko's prefetch: 8 MiB of 32 KiB requests in flight), hashes
+``fetch`` streams with pipelined SFTP reads (paramiko's prefetch: 8 MiB of 128 KiB requests in flight), hashes
 while writing, continues an existing ``.part`` from its length, and checks size and SHA-256 against the host's before
 returning; memory stays flat in the file size.
 """
@@ -32,6 +32,8 @@ IO_TIMEOUT = 30.0
 BLOCK = 1 << 20
 #: bytes requested ahead per transfer (memory per host in flight)
 WINDOW = 8 << 20
+#: bytes per SFTP read request (OpenSSH's sftp-server answers up to 255 KiB; paramiko asks 32 KiB by default)
+REQUEST = 128 << 10
 
 
 class SshError(Exception):
@@ -123,7 +125,10 @@ class Connection:
         self.open()
         if self._sftp is None:
             try:
-                self._sftp = self.client.open_sftp()
+                # a big channel window and packets that fit a whole REQUEST: a quarter of the packets paramiko's
+                # defaults (2 MiB, 32 KiB) make it handle, in Python, for the same bytes
+                self._sftp = paramiko.SFTPClient.from_transport(self.client.get_transport(), window_size=2 * WINDOW,
+                                                                max_packet_size=REQUEST + 1024)
             except (paramiko.SSHException, OSError, EOFError) as exc:
                 self.close()
                 raise SshError("ssh", f"no SFTP: {exc}") from None
@@ -159,6 +164,7 @@ class Connection:
         pos = have
         try:
             with self.sftp().open(remote, "rb") as src, open_private(part, "ab") as dst:
+                src.MAX_REQUEST_SIZE = REQUEST  # a server that answers less is asked again for the rest
                 while pos < size:
                     # one window of pipelined 32 KiB reads at a time: paramiko buffers whatever has arrived and
                     # scans that buffer on every read, so an unbounded prefetch grows memory with the file
