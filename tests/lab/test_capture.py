@@ -204,3 +204,37 @@ def test_gather_of_an_unknown_run_is_one_clear_line(deployed):
     assert proc.returncode == ExitCode.BAD_INPUT
     assert proc.stderr.strip() == f"fleetdns: error: no run 20200101T000000Z in {deployed.layout.home / 'reports'}"
 
+
+
+def test_ctrl_c_and_gather_now_stop_early_and_keep_what_was_recorded(deployed):
+    lab = deployed
+    detached = fleetdns("capture", "--limit", "lab2", "--duration", "5m", "--detach", home=lab.layout.home,
+                        timeout=150)
+    assert detached.returncode == 0, detached.stdout + detached.stderr
+    env = {**os.environ, "FLEETDNS_HOME": str(lab.layout.home)}
+    controller = subprocess.Popen([sys.executable, "-m", "fleet", "capture", "--limit", "lab1", "--duration", "5m"],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run_id = controller.stdout.readline().strip()
+        deadline = time.monotonic() + 90
+        while manifest(lab, run_id)["hosts"]["lab1"]["status"] != "running":
+            assert time.monotonic() < deadline and controller.poll() is None, "lab1 never started recording"
+            time.sleep(0.2)
+        lookup(lab, "lab1", "db.lab")
+        now = fleetdns("gather", detached.stdout.split()[-1], "--now", home=lab.layout.home, timeout=120)
+        controller.send_signal(signal.SIGINT)
+        out, err = controller.communicate(timeout=120)
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+            controller.wait(timeout=10)
+    assert controller.returncode == ExitCode.INTERRUPTED, out + err
+    entry = manifest(lab, run_id)["hosts"]["lab1"]
+    assert entry["status"] == "partial" and "stopped early" in entry["reason"]
+    path = lab.layout.home / "reports" / run_id / entry["file"]
+    assert lookups_in(path, entry["marker"]) == Counter({("db.lab", True): 1})
+    assert capture_format.parse_capture(path).trailer is not None
+    assert now.returncode == ExitCode.HOSTS_FAILED, now.stdout + now.stderr
+    entry = manifest(lab, detached.stdout.split()[-1])["hosts"]["lab2"]
+    assert entry["status"] == "partial" and "stopped early" in entry["reason"] and entry["file"]
+    assert probe_processes(lab, "lab1") == [] and probe_processes(lab, "lab2") == []
