@@ -3,6 +3,8 @@ SSH with pinned host keys. Every wait is bounded (subprocess timeouts, polling l
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import os
 import signal
@@ -96,11 +98,11 @@ def test_detached_capture_then_gather_puts_each_lookup_in_its_hosts_file(deploye
     assert run_id in runs.stdout and "3 captured" in runs.stdout
 
 
-def test_a_host_without_network_is_unreachable_and_the_others_are_captured(deployed):
+def test_a_host_without_network_is_unreachable_and_the_others_are_captured_compressed(deployed):
     lab = deployed
     assert fleetdns("lab", "net", "lab3", "down", home=lab.layout.home).returncode == 0
     try:
-        proc = fleetdns("capture", "--duration", "4s", home=lab.layout.home, timeout=180)
+        proc = fleetdns("capture", "--duration", "4s", "--compress", home=lab.layout.home, timeout=180)
     finally:
         assert fleetdns("lab", "net", "lab3", "up", home=lab.layout.home).returncode == 0
     assert proc.returncode == ExitCode.HOSTS_FAILED, proc.stdout + proc.stderr
@@ -108,6 +110,10 @@ def test_a_host_without_network_is_unreachable_and_the_others_are_captured(deplo
     hosts = manifest(lab, run_id)["hosts"]
     assert hosts["lab3"]["status"] == "unreachable" and "cannot connect" in hosts["lab3"]["reason"]
     assert {hosts["lab1"]["status"], hosts["lab2"]["status"]} <= {"captured", "empty"}
+    for host in ("lab1", "lab2"):  # --compress: gzip'd locally; the checksum is the host's, of the plain capture
+        assert hosts[host]["file"] == f"raw/{host}.capture.gz"
+        plain = gzip.decompress((lab.layout.home / "reports" / run_id / hosts[host]["file"]).read_bytes())
+        assert hashlib.sha256(plain).hexdigest() == hosts[host]["sha256"]
     assert proc.stderr.strip().splitlines()[-1] == "fleetdns: error: 1 of 3 hosts not captured: lab3 (unreachable)"
     assert run_id in fleetdns("runs", home=lab.layout.home).stdout  # the run and its data are kept
 
