@@ -62,7 +62,8 @@ def classify(status: dict[str, Any]) -> tuple[str, str | None]:
         reasons.append(f"{lost} events lost")
     if reasons:
         return "partial", "; ".join(r for r in reasons if r)
-    return ("captured" if status.get("events") else "empty"), None
+    # summary mode does not count lookups on the host (events is None): its file is "captured" whatever it holds
+    return ("empty" if status.get("events") == 0 else "captured"), None
 
 
 def host_fields(status: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,8 @@ Every action prints the run's status as one JSON object on stdout. Files, under 
      "backend-exit"|"killed"|null, "exit_status", "error", "sha256" (final states only)}
 
 ``events`` counts the lookups recorded apart from the self-test (one ``getaddrinfo`` of ``marker``, a random
-loopback address answered by libc without traffic, made right after the probes attach; reports drop it).
+loopback address answered by libc without traffic, made right after the probes attach; reports drop it); it is
+null in summary mode, whose lookups are only in the dumps.
 A host is *recording* once the probe saw that lookup (summary mode: once attached, as the lookup only shows in
 the dumps). ``start`` runs the recorder in its own session under ``timeout -k 15 <duration + slack>``, so neither
 a dropped SSH connection nor a killed controller keeps it from ending on time.
@@ -156,8 +157,10 @@ class Recorder:
         w = self.writer
         if w is not None:
             w.flush()
-            self.status.update(records=w.records, events=max(0, w.events - self.marker_hits), lost=w.lost + w.dropped,
-                               dropped=w.dropped, bytes=w.bytes, capped=w.dropped > 0)
+            # summary mode has no per-lookup records to count: its lookups are in the dumps (events: null)
+            events = max(0, w.events - self.marker_hits) if self.opts.mode == "events" else None
+            self.status.update(records=w.records, events=events, lost=w.lost + w.dropped, dropped=w.dropped,
+                               bytes=w.bytes, capped=w.dropped > 0)
         write_json_atomic(self.dir / "status.json", self.status)
 
     def _tick(self) -> None:

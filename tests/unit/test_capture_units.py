@@ -21,6 +21,7 @@ FINISHED = {"state": "finished", "attached": True, "stop_reason": "duration", "e
 @pytest.mark.parametrize(("status", "expected", "reason"), [
     (FINISHED, "captured", None),
     ({**FINISHED, "events": 0}, "empty", None),
+    ({**FINISHED, "events": None}, "captured", None),  # summary mode
     ({**FINISHED, "lost": 4}, "partial", "4 events lost"),
     ({**FINISHED, "stop_reason": "stopped"}, "partial", "stopped early"),
     ({**FINISHED, "stop_reason": "max-bytes", "dropped": 7, "lost": 7}, "partial", "7 records dropped"),
