@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
+from rich.table import Column, Table
 
-from fleet.errors import (CheckUnproven, CheckViolated, ExitCode, FleetError, HostsFailed, NotImplementedYet,
-                          UsageError)
+from fleet.durations import format_duration
+from fleet.errors import CheckUnproven, CheckViolated, ExitCode, FleetError, HostsFailed, UsageError
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -45,35 +47,6 @@ def cli() -> None:
     """
 
 
-# ---- not implemented yet ---------------------------------------------------------------------------------------
-
-
-def pending(name: str, help_text: str) -> None:
-    """Register *name* as a command that exists in the interface but is not built yet (exit 2)."""
-
-    @cli.command(name, help=help_text, context_settings={**CONTEXT, "ignore_unknown_options": True})
-    @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def command(args: tuple[str, ...]) -> None:
-        raise NotImplementedYet(name)
-
-
-pending("capture", """Record DNS lookups on every host at once, for a fixed duration.
-
-\b
-Examples:
-  fleetdns capture --duration 10m
-  fleetdns capture -i inventory/prod.ini --duration 1h30m --detach""")
-pending("gather", """Pull every host's capture of RUN into the local run store (resumable).
-
-\b
-Examples:
-  fleetdns gather
-  fleetdns gather 20261125T213000Z --now""")
-pending("runs", """List the runs in the local run store, newest first.
-
-\b
-Example:
-  fleetdns runs""")
 # ---- report / diff / check ------------------------------------------------------------------------------------
 
 #: ``--csv`` / ``--json`` given without a value
@@ -252,6 +225,167 @@ def check_command(run_id: str | None, absent: tuple[str, ...], present: tuple[st
                             f"{missing}")
     out.print(f"proven: {len(loaded.coverage)} hosts completely captured, no --absent name resolved"
               + (", every --present name seen" if present else ""), markup=False)
+
+
+# ---- capture, gather, runs -------------------------------------------------------------------------------------
+
+
+@cli.command("capture", context_settings=CONTEXT)
+@click.option("-i", "--inventory", "inventory_path", metavar="INVENTORY",
+              help="Ansible inventory (default: the one of the last 'fleetdns deploy').")
+@click.option("--duration", required=True, metavar="DURATION", help="How long each host records: 90s, 10m, 1h30m.")
+@click.option("--limit", metavar="PATTERN", help="Only the hosts matching this Ansible pattern.")
+@click.option("--backend", type=click.Choice(["auto", "stap", "bpftrace"]), default="auto", show_default=True,
+              help="Probe backend (auto: the first that passed the host's preflight).")
+@click.option("--mode", type=click.Choice(["events", "summary"]), default="events", show_default=True,
+              help="events: one record per lookup; summary: in-kernel counts and latency histograms.")
+@click.option("--names", multiple=True, metavar="GLOB", help="Only names matching this glob (repeatable).")
+@click.option("--label", metavar="TEXT", help="A note kept in the run's manifest (e.g. a change ticket).")
+@click.option("--max-bytes", metavar="SIZE", help="Cap each host's capture file (e.g. 500M); the host stops there.")
+@click.option("--detach", is_flag=True, help="Return once every reachable host records; gather later.")
+@click.option("--keep-remote", is_flag=True, help="Keep the hosts' copies after a verified gather.")
+@click.option("--compress", is_flag=True, help="Store the gathered files gzip'd (raw/HOST.capture.gz).")
+def capture_command(inventory_path, duration, limit, backend, mode, names, label, max_bytes, detach, keep_remote,
+                    compress) -> None:
+    """Record DNS lookups on every host at once, for a fixed duration, then gather the captures.
+
+    The run id (UTC start time) is the first line on stdout. Each host records in the background under its own
+    deadline, so a dropped connection or a killed controller neither stops it early nor keeps it running late.
+    Ctrl-C stops every host now and gathers what exists. Exit 0 when every host was captured (or empty),
+    1 when any is partial, failed or unreachable (the others' data is kept).
+
+    \b
+    Examples:
+      fleetdns capture --duration 10m
+      fleetdns capture -i inventory/prod.ini --duration 1h30m --limit 'web*' --detach
+      fleetdns capture --duration 30s --names '*.lab' --max-bytes 200M
+    """
+    from fleet import capture, deploy, inventory
+    from fleet.durations import parse_duration, parse_size
+
+    seconds = parse_duration(duration, what="--duration")
+    cap = parse_size(max_bytes, what="--max-bytes") if max_bytes else None
+    source = inventory_path or deploy.last_inventory()
+    if source is None:
+        raise UsageError("no inventory: pass -i INVENTORY or run 'fleetdns deploy INVENTORY' first")
+    hosts = inventory.load(source, limit)
+    options = {"backend": backend, "mode": mode, "duration_s": seconds, "names": list(names), "max_bytes": cap,
+               "label": label, "cgroup": None, "interval_s": None}
+    run = capture.new(str(Path(source).resolve()), limit, hosts, options, ["fleetdns", *sys.argv[1:]])
+    out.print(run.id)
+    fleet = capture.connect(hosts)
+    try:
+        capture.start(run, fleet, options, on_host=_print_host)
+        if detach:
+            out.print(run.id)
+            _exit_status(run, ("running",), "not recording")
+            return
+        _watch_and_gather(run, fleet, keep_remote=keep_remote, compress=compress)
+    finally:
+        for conn in fleet.values():
+            conn.close()
+
+
+@cli.command("gather", context_settings=CONTEXT)
+@click.argument("run_id", metavar="[RUN]", required=False)
+@click.option("--now", is_flag=True, help="Stop every host's capture now instead of waiting for its end.")
+@click.option("--keep-remote", is_flag=True, help="Keep the hosts' copies after a verified gather.")
+@click.option("--compress", is_flag=True, help="Store the gathered files gzip'd (raw/HOST.capture.gz).")
+def gather_command(run_id, now, keep_remote, compress) -> None:
+    """Wait for RUN's end (default: the newest run), then pull every host's capture that is not yet local.
+
+    Resumable and idempotent: verified files are left alone, an interrupted transfer continues from where it
+    stopped, a host that failed is tried again. Exit codes as for capture.
+
+    \b
+    Examples:
+      fleetdns gather
+      fleetdns gather 20261125T213000Z --now
+    """
+    from fleet import capture, inventory, store
+
+    run = store.open_run(run_id)
+    known = {h.name: h for h in inventory.load(run.manifest["inventory"], run.manifest.get("limit"))}
+    fleet = capture.connect([known[h] for h in run.manifest["hosts"] if h in known])
+    try:
+        if now:
+            capture.stop(run, fleet)
+        _watch_and_gather(run, fleet, keep_remote=keep_remote, compress=compress)
+    finally:
+        for conn in fleet.values():
+            conn.close()
+
+
+@cli.command("runs", context_settings=CONTEXT)
+def runs_command() -> None:
+    """List the runs in the local run store, newest first.
+
+    \b
+    Example:
+      fleetdns runs
+    """
+    from fleet import gather, store
+
+    # ids, times and counts are what people copy and grep: never wrapped or cut, whatever the terminal's width
+    table = Table(Column("run", no_wrap=True, min_width=16), Column("created (UTC)", no_wrap=True, min_width=19),
+                  Column("hosts", no_wrap=True), "mode", "duration", "label")
+    for run in store.list_runs():
+        m = run.manifest
+        opts = m.get("options") or {}
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(gather.summary(run).items()))
+        table.add_row(run.id, m.get("created", "")[:19].replace("T", " "), counts, opts.get("mode") or "",
+                      format_duration(opts["duration_s"]) if opts.get("duration_s") else "", opts.get("label") or "")
+    out.print(table)
+
+
+def _print_host(host: str, entry: dict) -> None:
+    style = "green" if entry["status"] in ("running", "captured", "empty") else "red"
+    detail = f" ({entry['backend']})" if entry.get("backend") and entry["status"] == "running" else ""
+    reason = f": {entry['reason']}" if entry.get("reason") else ""
+    err.print(f"[bold]{escape(f'[{host}]')}[/bold] [{style}]{entry['status']}[/]{escape(detail + reason)}")
+
+
+def _watch_and_gather(run, fleet, *, keep_remote: bool, compress: bool) -> None:
+    """The live view until every host ended, then the gather and the results table; Ctrl-C stops the hosts
+    first and gathers what they have."""
+    from rich.live import Live
+
+    from fleet import capture, gather
+
+    view = capture.LiveView(run)
+    interrupted = False
+    try:
+        with Live(view, console=err, transient=True, refresh_per_second=2):
+            capture.watch(run, fleet, view)
+    except KeyboardInterrupt:
+        interrupted = True
+        err.print("stopping every host and gathering what they recorded…")
+        capture.stop(run, fleet)
+        capture.watch(run, fleet, view, until=time.time() + 30)
+    gather.pull(run, fleet, keep_remote=keep_remote, compress=compress, on_host=_print_host)
+    table = Table(Column("host", no_wrap=True), "status", "events", "lost", "bytes", "window (UTC)", "reason",
+                  title=f"run {run.id}")
+    for host, e in run.manifest["hosts"].items():
+        window = e.get("window") or {}
+        span = f"{(window.get('start') or '')[11:19]}–{(window.get('end') or '')[11:19]}" if window.get("start") else ""
+        table.add_row(host, e["status"], _num(e.get("events")), _num(e.get("lost")), _num(e.get("bytes")), span,
+                      e.get("reason") or "")
+    out.print(table)
+    err.print(f"run store: {run.path}")
+    if interrupted:
+        raise KeyboardInterrupt
+    _exit_status(run, gather.OK_STATUSES, "not captured")
+
+
+def _num(value) -> str:
+    return "" if value is None else str(value)
+
+
+def _exit_status(run, good: tuple[str, ...], what: str) -> None:
+    hosts = run.manifest["hosts"]
+    bad = [f"{h} ({e['status']})" for h, e in hosts.items() if e["status"] not in good]
+    if bad:
+        raise HostsFailed(f"{len(bad)} of {len(hosts)} hosts {what}: {', '.join(bad)}")
 
 
 # ---- deploy -----------------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ PREFLIGHT_TASK = "Run the preflight"
 PACKAGE = Path(fleet.__file__).resolve().parent
 PLAYBOOK = PACKAGE.parent / "playbooks" / "deploy.yml"
 #: the parts of the package a host runs (standard library only), relative to the package directory
-HOST_FILES = ("__init__.py", "errors.py", "capture_format.py", "preflight.py")
+HOST_FILES = ("__init__.py", "errors.py", "capture_format.py", "preflight.py", "hostrun.py", "private.py", "store.py",
+              "home.py")
 
 
 def build_host_zip() -> Path:

@@ -16,7 +16,7 @@ class ExitCode(enum.IntEnum):
     OK = 0
     #: the command ran, but at least one host failed (the others' results are kept)
     HOSTS_FAILED = 1
-    #: bad command line, bad option value, or a command that is not implemented yet
+    #: bad command line or bad option value
     USAGE = 2
     #: bad input data: inventory, run id, capture file, lab host name
     BAD_INPUT = 3
@@ -50,13 +50,6 @@ class UsageError(FleetError):
     """A bad option value or combination."""
 
     exit_code = ExitCode.USAGE
-
-
-class NotImplementedYet(UsageError):
-    """A subcommand whose issue has not landed yet."""
-
-    def __init__(self, command: str) -> None:
-        super().__init__(f"'fleetdns {command}' is not implemented yet")
 
 
 class InputError(FleetError):

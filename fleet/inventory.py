@@ -66,9 +66,10 @@ def load(source: Path | str, limit: str | None = None) -> list[Host]:
         reason = next((line.removeprefix("[WARNING]: ").strip() for line in warnings.getvalue().splitlines()
                        if line.startswith("[WARNING]")), "it defines no hosts")
         raise InputError(f"cannot use inventory {source}: {reason}")
-    if limit:
-        manager.subset(limit)
-    chosen = manager.get_hosts("all")
+    with contextlib.redirect_stderr(io.StringIO()):  # Ansible's "Could not match" warning: said below
+        if limit:
+            manager.subset(limit)
+        chosen = manager.get_hosts("all")
     if not chosen:
         raise InputError(f"--limit {limit!r} matches no host in {source}")
     variables = VariableManager(loader=loader, inventory=manager)

@@ -41,3 +41,11 @@ def lab(lab_home):
     built, _ = lifecycle.up(3, "overlay", home=lab_home)
     yield built
     lifecycle.down(lab_home)
+
+
+@pytest.fixture(scope="session")
+def deployed(lab):
+    """The session lab with the probe deployed once (``fleetdns deploy INVENTORY --backend bpftrace``)."""
+    proc = fleetdns("deploy", str(lab.layout.inventory), "--backend", "bpftrace", home=lab.layout.home, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return lab
