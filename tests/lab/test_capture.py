@@ -3,8 +3,10 @@ SSH with pinned host keys. Every wait is bounded (subprocess timeouts, polling l
 
 from __future__ import annotations
 
+import csv
 import gzip
 import hashlib
+import io
 import json
 import os
 import signal
@@ -96,6 +98,19 @@ def test_detached_capture_then_gather_puts_each_lookup_in_its_hosts_file(deploye
     assert again.returncode == 0 and manifest(lab, run_id)["hosts"] == m["hosts"]
     runs = fleetdns("runs", home=lab.layout.home, timeout=60)
     assert run_id in runs.stdout and "3 captured" in runs.stdout
+
+    # the next stages read what gather wrote: the merged report and the check of a change
+    report = fleetdns("report", run_id, "--csv", "-", home=lab.layout.home, timeout=120)
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.DictReader(io.StringIO(report.stdout)))
+    seen = Counter((r["host"], r["name"], int(r["lookups"]), int(r["failed"])) for r in rows if r["process"] != "sshd")
+    assert seen == Counter({("lab1", "db.lab", 1, 0): 1, ("lab1", "old-db.lab", 1, 0): 1,
+                            ("lab2", "api.lab", 1, 0): 1, ("lab3", nx, 1, 1): 1})  # the self-tests are left out
+    violated = fleetdns("check", run_id, "--absent", "old-db.*", home=lab.layout.home, timeout=120)
+    assert violated.returncode == ExitCode.HOSTS_FAILED and "lab1" in violated.stdout + violated.stderr
+    proven = fleetdns("check", run_id, "--absent", "gone-db.*", "--present", "db.lab", home=lab.layout.home,
+                      timeout=120)
+    assert proven.returncode == ExitCode.OK, proven.stdout + proven.stderr
 
 
 def test_a_host_without_network_is_unreachable_and_the_others_are_captured_compressed(deployed):
