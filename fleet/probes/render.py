@@ -33,8 +33,8 @@ import fnmatch
 import os
 import re
 import struct
+from collections.abc import Iterable
 from importlib import resources
-from typing import Iterable
 
 from fleet.errors import EnvironmentProblem, InputError, UsageError
 

@@ -18,7 +18,8 @@ API (what ``fleetdns probe`` and the host-side runner call)::
 * ``stop``: a ``threading.Event``; setting it ends the capture like SIGINT (for callers running the probe
   in a thread, where signal handlers cannot be installed).
 * Returns the trailer dict: ``end_time_ns``, ``end_boot_ns``, ``wall_offset_end_ns``, ``exit_status``,
-  ``stop_reason`` (``duration`` | ``signal`` | ``stopped`` | ``backend-exit``), ``lost``, ``records``, ``backend_messages``.
+  ``stop_reason`` (``duration`` | ``signal`` | ``stopped`` | ``backend-exit``), ``lost``, ``records``,
+  ``backend_messages``.
 * Raises :class:`~fleet.errors.NotRoot`, :class:`~fleet.errors.MissingProgram`,
   :class:`~fleet.errors.EnvironmentProblem` (no tracefs; the backend failed to attach: its message is in
   the error), :class:`~fleet.errors.UsageError` / :class:`~fleet.errors.InputError` (bad options, bad libc).
@@ -56,7 +57,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 
 from fleet import capture_format as cf
 from fleet.errors import EnvironmentProblem, FleetError, InputError, MissingProgram, NotRoot, UsageError
@@ -127,7 +129,8 @@ def _backend_version(program: str) -> str:
         out = subprocess.run([program, "--version"], capture_output=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    return (out.stdout or out.stderr).decode("utf-8", "replace").strip().splitlines()[0] if (out.stdout or out.stderr) else "unknown"
+    text = (out.stdout or out.stderr).decode("utf-8", "replace").strip()
+    return text.splitlines()[0] if text else "unknown"
 
 
 def _boot_id() -> str | None:
@@ -146,7 +149,7 @@ def _header(opts: render.ProbeOptions, program: str, offset: int) -> dict[str, A
         "libc_path": os.path.realpath(libc), "libc_build_id": render.elf_info(libc).build_id,
         "binaries": [{"path": os.path.realpath(p), "build_id": render.elf_info(p).build_id} for p in opts.binaries],
         "clock": "CLOCK_BOOTTIME", "wall_offset_ns": offset,
-        "start_time": datetime.datetime.fromtimestamp(time.time(), datetime.timezone.utc).isoformat(),
+        "start_time": datetime.datetime.fromtimestamp(time.time(), datetime.UTC).isoformat(),
         "mode": opts.mode, "filters": {"names": list(opts.names), "cgroup": opts.cgroup},
         "interval_s": opts.interval, "max_keys": opts.max_keys,
         "functions": {str(k): v for k, v in render.FUNCTION_NAMES.items()},
@@ -177,7 +180,7 @@ def _table_row(line: bytes, offset: int, names: dict[int, bytes]) -> dict[str, A
         t0, pid, tid, uid, fid, rc, herr, lat, key, c0, c1 = (int(x) for x in line.split(b" ")[1:])
     except ValueError:
         return None
-    return {"time": datetime.datetime.fromtimestamp((t0 + offset) / 1e9, datetime.timezone.utc),
+    return {"time": datetime.datetime.fromtimestamp((t0 + offset) / 1e9, datetime.UTC),
             "pid": pid, "tid": tid, "uid": uid, "comm": cf.display_bytes(cf.comm_bytes(c0, c1)),
             "function": cf.FUNCTIONS.get(fid, str(fid)), "name": names.get(key % 2**64, "?"),
             "result": cf.result_name(fid, rc, herr), "latency_ns": lat}
