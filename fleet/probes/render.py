@@ -232,6 +232,17 @@ def glob_parts(glob: str) -> tuple[bytes, bytes | None]:
     return pre, suf
 
 
+def glob_checks(glob: str) -> tuple[int, bool, list[tuple[int, bool, int]]]:
+    """What a probe tests for one glob, in either language: ``(length, exact, checks)``. The name must be
+    exactly ``length`` bytes long when ``exact`` (no ``*``), else at least that long; each check
+    ``(index, from_end, byte)`` says the lowercased byte at ``index`` (counted back from the name's end when
+    ``from_end``: 1 is the last byte) must be ``byte``. ``?`` positions are not checked."""
+    pre, suf = glob_parts(glob)
+    checks = [(i, False, ch) for i, ch in enumerate(pre) if ch != ord("?")]
+    checks += [(len(suf) - i, True, ch) for i, ch in enumerate(suf or b"") if ch != ord("?")]
+    return len(pre) + len(suf or b""), suf is None, checks
+
+
 def name_matches(name: bytes, globs: Iterable[str]) -> bool:
     """The in-kernel match, in Python (tests and user-side filtering): case-insensitive ASCII, bytes."""
     globs = list(globs)
@@ -298,18 +309,13 @@ def _bt_glob(globs: tuple[str, ...]) -> str:
         return "$m = 1;"
     out = ["$m = 0;"]
     for glob in globs:
-        pre, suf = glob_parts(glob)
-        fixed = len(pre) + len(suf or b"")
-        cond = f"$n == {fixed}" if suf is None else f"$n >= {fixed}"
+        length, exact, checks = glob_checks(glob)
         body = ["$g = 1;"]
-        for i, ch in enumerate(pre):
-            if ch != ord("?"):
-                body.append(f"{_bt_byte(str(i))} if ($l != {ch}) {{ $g = 0; }}")
-        for i, ch in enumerate(suf or b""):
-            if ch != ord("?"):
-                body.append(f"{_bt_byte(f'(uint64)($n - {len(suf) - i})')} if ($l != {ch}) {{ $g = 0; }}")
+        for index, from_end, ch in checks:
+            offset = f"(uint64)($n - {index})" if from_end else str(index)
+            body.append(f"{_bt_byte(offset)} if ($l != {ch}) {{ $g = 0; }}")
         body.append("if ($g) { $m = 1; }")
-        out.append(f"if ($m == 0 && {cond}) {{ " + " ".join(body) + " }")
+        out.append(f"if ($m == 0 && $n {'==' if exact else '>='} {length}) {{ " + " ".join(body) + " }")
     return "\n    ".join(out)
 
 
@@ -533,14 +539,10 @@ def _stp_glob(globs: tuple[str, ...]) -> list[str]:
 
     out = ["m = 0"]
     for glob in globs:
-        pre, suf = glob_parts(glob)
-        fixed = len(pre) + len(suf or b"")
-        cond = f"n == {fixed}" if suf is None else f"n >= {fixed}"
-        body = ["g = 1"]
-        body += [f"{byte(str(i))}; if (c != {ch}) g = 0" for i, ch in enumerate(pre) if ch != ord("?")]
-        body += [f"{byte(f'n - {len(suf) - i}')}; if (c != {ch}) g = 0"
-                 for i, ch in enumerate(suf or b"") if ch != ord("?")]
-        out.append(f"if (m == 0 && {cond}) {{ " + "; ".join(body) + "; if (g) m = 1 }")
+        length, exact, checks = glob_checks(glob)
+        body = ["g = 1"] + [f"{byte(f'n - {index}' if from_end else str(index))}; if (c != {ch}) g = 0"
+                            for index, from_end, ch in checks]
+        out.append(f"if (m == 0 && n {'==' if exact else '>='} {length}) {{ " + "; ".join(body) + "; if (g) m = 1 }")
     return out
 
 

@@ -1,10 +1,25 @@
-"""Fixtures of the real-probe tests."""
+"""Fixtures of the real-probe tests, and the skip every one of them shares."""
 
 from __future__ import annotations
 
 import shutil
 
 import pytest
+
+from fleet.errors import FleetError
+from fleet.probes import render, runner
+
+
+def _environment_problem() -> str | None:
+    try:
+        runner.check_environment(render.ProbeOptions())
+    except FleetError as e:
+        return f"real probe tests need root, bpftrace and tracefs: {e}"
+    return None
+
+
+#: mark for tests that run the real bpftrace probe on this machine
+needs_probe = pytest.mark.skipif(_environment_problem() is not None, reason=str(_environment_problem()))
 
 
 @pytest.fixture(scope="session")

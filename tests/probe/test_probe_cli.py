@@ -19,19 +19,10 @@ from pathlib import Path
 import pytest
 
 from fleet.capture_format import parse_capture
-from fleet.errors import ExitCode, FleetError
-from fleet.probes import render, runner
+from fleet.errors import ExitCode
+from tests.probe.conftest import needs_probe
 
-
-def _environment_problem() -> str | None:
-    try:
-        runner.check_environment(render.ProbeOptions())
-    except FleetError as e:
-        return f"real probe tests need root, bpftrace and tracefs: {e}"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_environment_problem() is not None, reason=str(_environment_problem()))
+pytestmark = needs_probe
 
 FLEETDNS = [sys.executable, "-m", "fleet"]
 

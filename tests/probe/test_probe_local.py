@@ -21,21 +21,14 @@ from pathlib import Path
 import pytest
 
 from fleet.capture_format import parse_capture
-from fleet.errors import FleetError, InputError, UsageError
+from fleet.errors import InputError, UsageError
 from fleet.probes import render, runner
+from tests.probe.conftest import needs_probe
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _environment_problem() -> str | None:
-    try:
-        runner.check_environment(render.ProbeOptions())
-    except FleetError as e:
-        return f"real probe tests need root, bpftrace and tracefs: {e}"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_environment_problem() is not None, reason=str(_environment_problem()))
+pytestmark = needs_probe
 
 LOOKUPS_C = r"""
 #define _GNU_SOURCE
