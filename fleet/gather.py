@@ -158,7 +158,14 @@ def _final_status(conn: Connection, run_id: str, wait: float) -> tuple[dict[str,
 
 
 def _remove(conn: Connection, run_id: str) -> None:
-    """Delete the host's run directory over SFTP (it holds only files the recorder wrote and has finished)."""
+    """Delete the host's run directory over SFTP (it holds only files the recorder wrote and has finished); with
+    become, the files are root's: the host-side ``run remove`` deletes them."""
+    if conn.host.become:
+        try:
+            conn.run([PROBE, "run", "remove", run_id], timeout=60)
+        except SshError:
+            pass  # the verified copy is local; the run directory stays on the host
+        return
     try:
         sftp = conn.sftp()
         for name in sftp.listdir(remote_dir(run_id)):

@@ -26,6 +26,8 @@ class Host:
     key_file: str | None = None
     #: ``-o Key=Value`` options from ``ansible_ssh_common_args`` / ``ansible_ssh_extra_args``, keys lower-cased
     ssh_options: dict[str, str] = field(default_factory=dict)
+    #: ``ansible_become``: run host commands through passwordless ``sudo -n`` (to root), as Ansible would
+    become: bool = False
 
     @property
     def known_hosts(self) -> str | None:
@@ -72,10 +74,16 @@ def load(source: Path | str, limit: str | None = None) -> list[Host]:
         chosen = manager.get_hosts("all")
     if not chosen:
         raise InputError(f"--limit {limit!r} matches no host in {source}")
+    from ansible.module_utils.parsing.convert_bool import boolean
+
     variables = VariableManager(loader=loader, inventory=manager)
     hosts = []
     for host in chosen:
         hv = variables.get_vars(host=host)
+        become = boolean(hv.get("ansible_become", False), strict=False)
+        if become:
+            _check_become(host.name, str(hv.get("ansible_become_method") or "sudo"),
+                          str(hv.get("ansible_become_user") or "root"))
         hosts.append(
             Host(
                 name=host.name,
@@ -84,6 +92,15 @@ def load(source: Path | str, limit: str | None = None) -> list[Host]:
                 user=hv.get("ansible_user") or hv.get("ansible_ssh_user"),
                 key_file=hv.get("ansible_ssh_private_key_file") or hv.get("ansible_private_key_file"),
                 ssh_options=ssh_options(hv.get("ansible_ssh_common_args", ""), hv.get("ansible_ssh_extra_args", "")),
+                become=become,
             )
         )
     return hosts
+
+
+def _check_become(host: str, method: str, user: str) -> None:
+    """The one way fleetdns becomes root: passwordless ``sudo -n`` (a password prompt could never be answered)."""
+    if method != "sudo":
+        raise InputError(f"{host}: ansible_become_method {method!r} is not supported by capture/gather (sudo only)")
+    if user != "root":
+        raise InputError(f"{host}: ansible_become_user {user!r}: the probe needs root")

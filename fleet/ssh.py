@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+from collections.abc import Iterator
 from pathlib import Path
 
 import paramiko
@@ -106,11 +107,16 @@ class Connection:
             self.client.close()
             self.client = None
 
+    def command(self, argv: list[str]) -> str:
+        """The command line sent for *argv*: quoted with shlex.join (no shell string is built from input), behind
+        ``sudo -n --`` when the inventory says ``ansible_become`` (passwordless sudo: never a prompt)."""
+        return shlex.join(["sudo", "-n", "--", *argv] if self.host.become else argv)
+
     def run(self, argv: list[str], timeout: float = 60.0) -> tuple[int, str, str]:
-        """Run *argv* on the host (quoted with shlex.join: no shell string is built from input); (rc, out, err)."""
+        """Run *argv* on the host (see :meth:`command`); (rc, out, err)."""
         self.open()
         try:
-            _, stdout, stderr = self.client.exec_command(shlex.join(argv), timeout=timeout)
+            _, stdout, stderr = self.client.exec_command(self.command(argv), timeout=timeout)
             out = stdout.read().decode("utf-8", "replace")
             err = stderr.read().decode("utf-8", "replace")
             return stdout.channel.recv_exit_status(), out, err
@@ -136,7 +142,14 @@ class Connection:
         return self._sftp
 
     def read_file(self, path: str) -> bytes:
-        """A small remote file's bytes (FileNotFoundError when missing)."""
+        """A small remote file's bytes (FileNotFoundError when missing); through ``sudo cat`` with become."""
+        if self.host.become:
+            rc, out, err = self.run(["cat", "--", path], timeout=IO_TIMEOUT)
+            if rc != 0:
+                if "No such file" in err:
+                    raise FileNotFoundError(path)
+                raise SshError("ssh", f"cannot read {path} as root: {err.strip()[:200]}")
+            return out.encode("utf-8")
         try:
             with self.sftp().open(path, "rb") as f:
                 return f.read()
@@ -162,22 +175,15 @@ class Connection:
                 for block in iter(lambda: f.read(BLOCK), b""):
                     h.update(block)
         pos = have
+        blocks = self._exec_blocks if self.host.become else self._sftp_blocks
         try:
-            with self.sftp().open(remote, "rb") as src, open_private(part, "ab") as dst:
-                src.MAX_REQUEST_SIZE = REQUEST  # a server that answers less is asked again for the rest
-                while pos < size:
-                    # one window of pipelined 32 KiB reads at a time: paramiko buffers whatever has arrived and
-                    # scans that buffer on every read, so an unbounded prefetch grows memory with the file
-                    end = min(size, pos + WINDOW)
-                    src.seek(pos)
-                    src.prefetch(end)
-                    while pos < end:
-                        block = src.read(min(BLOCK, end - pos))
-                        if not block:
-                            raise EOFError(f"the file ended at {pos} bytes")
-                        h.update(block)
-                        dst.write(block)
-                        pos += len(block)
+            with open_private(part, "ab") as dst:
+                for block in blocks(remote, have, size):
+                    h.update(block)
+                    dst.write(block)
+                    pos += len(block)
+                if pos < size:
+                    raise EOFError(f"the file ended at {pos} bytes")
         except FileNotFoundError:
             raise
         except (paramiko.SSHException, OSError, EOFError) as exc:
@@ -190,3 +196,42 @@ class Connection:
             raise IntegrityError(f"{remote}: got {got} bytes with sha256 {h.hexdigest()[:12]}…, the host has "
                                  f"{size} bytes with sha256 {sha256[:12]}…")
         return moved
+
+    def _sftp_blocks(self, remote: str, pos: int, size: int) -> Iterator[bytes]:
+        """Bytes *pos*..*size* of *remote* over SFTP, in blocks."""
+        with self.sftp().open(remote, "rb") as src:
+            src.MAX_REQUEST_SIZE = REQUEST  # a server that answers less is asked again for the rest
+            while pos < size:
+                # one window of pipelined reads at a time: paramiko buffers whatever has arrived and scans that
+                # buffer on every read, so an unbounded prefetch grows memory with the file
+                end = min(size, pos + WINDOW)
+                src.seek(pos)
+                src.prefetch(end)
+                while pos < end:
+                    block = src.read(min(BLOCK, end - pos))
+                    if not block:
+                        return
+                    pos += len(block)
+                    yield block
+
+    def _exec_blocks(self, remote: str, pos: int, size: int) -> Iterator[bytes]:
+        """Bytes *pos*..*size* of *remote* as root (become: the file is root's, 0600, out of the SSH user's
+        reach over SFTP), streamed from ``sudo -n -- tail -c +N`` over an exec channel; stops at *size*."""
+        self.open()
+        channel = self.client.get_transport().open_session(window_size=2 * WINDOW)
+        channel.settimeout(IO_TIMEOUT)
+        try:
+            channel.exec_command(self.command(["tail", "-c", f"+{pos + 1}", "--", remote]))
+            while pos < size:
+                block = channel.recv(min(BLOCK, size - pos))
+                if not block:
+                    break
+                pos += len(block)
+                yield block
+            if pos < size and channel.recv_exit_status() != 0:
+                err = channel.recv_stderr(4096).decode("utf-8", "replace")
+                if "No such file" in err:
+                    raise FileNotFoundError(remote)
+                raise SshError("ssh", f"cannot read {remote} as root: {err.strip()[:200]}")
+        finally:
+            channel.close()

@@ -259,3 +259,51 @@ def test_ctrl_c_and_gather_now_stop_early_and_keep_what_was_recorded(deployed):
     entry = manifest(lab, detached.stdout.split()[-1])["hosts"]["lab2"]
     assert entry["status"] == "partial" and "stopped early" in entry["reason"] and entry["file"]
     assert probe_processes(lab, "lab1") == [] and probe_processes(lab, "lab2") == []
+
+
+BECOME_USER = "fleetops"
+
+
+@pytest.fixture
+def become_user(deployed):
+    """lab2 gets a non-root SSH user with passwordless sudo (in lab2's own copy-on-write /etc and /home)."""
+    lab = deployed
+    assert lab.mode == "overlay"  # in bind mode these files would be the machine's own
+    host_sh(lab, "lab2", f"""set -e
+        useradd -m -s /bin/sh {BECOME_USER}
+        usermod -p '*' {BECOME_USER}     # no password, but not locked: sshd (without PAM) refuses locked users
+        install -d -m 700 -o {BECOME_USER} /home/{BECOME_USER}/.ssh
+        install -m 600 -o {BECOME_USER} /root/.ssh/authorized_keys /home/{BECOME_USER}/.ssh/authorized_keys
+        echo '{BECOME_USER} ALL=(root) NOPASSWD: ALL' > /etc/sudoers.d/{BECOME_USER}
+        chmod 440 /etc/sudoers.d/{BECOME_USER}""")
+    yield BECOME_USER
+    host_sh(lab, "lab2", f"userdel -r {BECOME_USER}; rm -f /etc/sudoers.d/{BECOME_USER}")
+
+
+def test_a_non_root_ssh_user_becomes_root_with_sudo(deployed, become_user, tmp_path):
+    lab = deployed
+    inventory = tmp_path / "become.ini"
+    lines = lab.layout.inventory.read_text().replace("ansible_user=root", f"ansible_user={become_user}")
+    inventory.write_text(lines.replace("[lab:vars]", "[lab:vars]\nansible_become=true"))
+    proc = fleetdns("capture", "-i", str(inventory), "--limit", "lab2", "--duration", "8s", "--detach",
+                    home=lab.layout.home, timeout=150)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_id = proc.stdout.split()[-1]
+    lookup(lab, "lab2", "db.lab")
+    remote = f"/var/lib/fleetdns/runs/{run_id}"
+    assert host_sh(lab, "lab2", f"stat -c %U:%a {remote}/capture").split() == ["root:600"]
+    proc = fleetdns("gather", run_id, home=lab.layout.home, timeout=180)  # the inventory of the run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    entry = manifest(lab, run_id)["hosts"]["lab2"]
+    assert entry["status"] == "captured", entry
+    path = lab.layout.home / "reports" / run_id / entry["file"]
+    events = capture_format.parse_capture(path).events
+    assert set(events[events["name"] == "db.lab"]["comm"]) == {"python3"}
+    assert set(events["comm"]) <= {"python3", "sshd", "sudo"}  # sudo resolves the host's own name: real lookups
+    assert entry["sha256"] == sha256_file(path)
+    assert host_sh(lab, "lab2", f"ls -d {remote} 2>/dev/null") == ""  # removed as root after the verified gather
+
+    su = inventory.read_text().replace("ansible_become=true", "ansible_become=true\nansible_become_method=su")
+    inventory.write_text(su)
+    bad = fleetdns("capture", "-i", str(inventory), "--limit", "lab2", "--duration", "5s", home=lab.layout.home)
+    assert bad.returncode == ExitCode.BAD_INPUT and "sudo only" in bad.stderr

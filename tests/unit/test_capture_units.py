@@ -9,8 +9,9 @@ import os
 
 import pytest
 
-from fleet import gather, hostrun, store
+from fleet import gather, hostrun, inventory, store
 from fleet.errors import ExitCode, InputError
+from fleet.ssh import Connection
 from tests.conftest import fleetdns
 from tests.unit.test_cli import assert_one_line_error
 
@@ -96,3 +97,24 @@ def test_bad_input_is_one_line_with_its_exit_code(tmp_path, args, code, needle):
 def test_runs_on_an_empty_store_is_an_empty_table(tmp_path):
     proc = fleetdns("runs", home=tmp_path)
     assert proc.returncode == 0 and "run" in proc.stdout and "2026" not in proc.stdout
+
+
+@pytest.mark.parametrize("extra, become", [("", False), ("ansible_become=yes", True), ("ansible_become=false", False),
+                                           ("ansible_become=true ansible_become_user=root", True)])
+def test_become_comes_from_the_inventory_and_wraps_commands_in_sudo(tmp_path, extra, become):
+    inv = tmp_path / "inv.ini"
+    inv.write_text(f"h1 ansible_host=192.0.2.1 ansible_user=ops {extra}\n")
+    host = inventory.load(inv)[0]
+    assert host.become is become
+    command = Connection(host).command(["fleetdns-probe", "run", "status", "a b;rm -rf /"])
+    expected = "fleetdns-probe run status 'a b;rm -rf /'"
+    assert command == ("sudo -n -- " + expected if become else expected)
+
+
+@pytest.mark.parametrize("extra, needle", [("ansible_become_method=su", "sudo only"),
+                                           ("ansible_become_user=postgres", "the probe needs root")])
+def test_unsupported_become_is_a_clear_input_error(tmp_path, extra, needle):
+    inv = tmp_path / "inv.ini"
+    inv.write_text(f"h1 ansible_host=192.0.2.1 ansible_become=true {extra}\n")
+    with pytest.raises(InputError, match=needle):
+        inventory.load(inv)
