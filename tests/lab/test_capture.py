@@ -106,6 +106,7 @@ def test_detached_capture_then_gather_puts_each_lookup_in_its_hosts_file(deploye
     seen = Counter((r["host"], r["name"], int(r["lookups"]), int(r["failed"])) for r in rows if r["process"] != "sshd")
     assert seen == Counter({("lab1", "db.lab", 1, 0): 1, ("lab1", "old-db.lab", 1, 0): 1,
                             ("lab2", "api.lab", 1, 0): 1, ("lab3", nx, 1, 1): 1})  # the self-tests are left out
+    assert all(float(r["p50_ms"]) > 0 and r["first_seen"].endswith("Z") for r in rows)
     violated = fleetdns("check", run_id, "--absent", "old-db.*", home=lab.layout.home, timeout=120)
     assert violated.returncode == ExitCode.HOSTS_FAILED and "lab1" in violated.stdout + violated.stderr
     proven = fleetdns("check", run_id, "--absent", "gone-db.*", "--present", "db.lab", home=lab.layout.home,
