@@ -2,4 +2,5 @@
 
 from fleet.cli import main
 
-main()
+if __name__ == "__main__":  # importable without running (e.g. by a worker process that re-imports __main__)
+    main()

@@ -213,8 +213,9 @@ def check_command(run_id: str | None, absent: tuple[str, ...], present: tuple[st
     if verdict == "violated":
         what = []
         if len(result.offenders):
-            what.append(f"{result.offenders['host'].nunique()} hosts resolved an --absent name "
-                        f"({result.offenders['lookups'].sum()} lookups)")
+            hosts, lookups = int(result.offenders["host"].nunique()), int(result.offenders["lookups"].sum())
+            what.append(f"{hosts} {'host' if hosts == 1 else 'hosts'} resolved an --absent name "
+                        f"({lookups} {'lookup' if lookups == 1 else 'lookups'})")
         if result.missing:
             what.append("no host resolved " + ", ".join(result.missing))
         raise CheckViolated("; ".join(what))
