@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import random
@@ -53,7 +52,7 @@ from typing import IO, Any
 
 from fleet.errors import FleetError, InputError
 from fleet.preflight import LOOKUP
-from fleet.private import open_private, private_dir, write_json_atomic
+from fleet.private import open_private, private_dir, sha256_file, write_json_atomic
 from fleet.probes import render
 from fleet.probes.runner import run_probe
 from fleet.store import RUN_ID_RE
@@ -192,17 +191,9 @@ class Recorder:
             finally:
                 self.stop.set()
                 ticker.join(timeout=5)
-        self.status.update(ended=_now(), sha256=_sha256(self.dir / "capture"))
+        self.status.update(ended=_now(), sha256=sha256_file(self.dir / "capture"))
         self._publish()
         return 0 if self.status["state"] == "finished" else 1
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _alive(pid: int | None) -> bool:
@@ -288,7 +279,7 @@ def finish(run_dir: Path, wait: float) -> tuple[dict[str, Any], int]:
     if status["state"] == "killed" and not status.get("sha256"):
         capture = run_dir / "capture"
         status.update(ended=status.get("ended") or _now(), bytes=capture.stat().st_size if capture.exists() else 0,
-                      sha256=_sha256(capture) if capture.exists() else None)
+                      sha256=sha256_file(capture) if capture.exists() else None)
         write_json_atomic(run_dir / "status.json", status)
     return status, 0 if status["state"] in FINAL_STATES else 1
 
