@@ -9,7 +9,8 @@ API::
     stop(run, fleet) -> None                                  # asks every running host to end now
 
 ``options`` (also the manifest's ``options``): ``backend``, ``mode``, ``duration_s``, ``names``, ``max_bytes``,
-``label``. The host side is fleet/hostrun.py; statuses are those of fleet/store.py.
+``label``, ``watch`` (names each host's scan resolves: docs/scan.md). The host side is fleet/hostrun.py;
+statuses are those of fleet/store.py.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def _start_argv(run: Run, options: dict[str, Any]) -> list[str]:
     argv = [PROBE, "run", "start", run.id, "--duration", f"{options['duration_s']:g}",
             "--backend", options["backend"], "--mode", options["mode"]]
     argv += [f"--names={n}" for n in options.get("names") or ()]
+    argv += [f"--watch={n}" for n in options.get("watch") or ()]
     if options.get("max_bytes"):
         argv.append(f"--max-bytes={options['max_bytes']}")
     return argv

@@ -241,13 +241,15 @@ def check_command(run_id: str | None, absent: tuple[str, ...], present: tuple[st
 @click.option("--mode", type=click.Choice(["events", "summary"]), default="events", show_default=True,
               help="events: one record per lookup; summary: in-kernel counts and latency histograms.")
 @click.option("--names", multiple=True, metavar="GLOB", help="Only names matching this glob (repeatable).")
+@click.option("--watch", multiple=True, metavar="NAME",
+              help="Resolve NAME on each host at the start, for pre-capture evidence (repeatable; docs/scan.md).")
 @click.option("--label", metavar="TEXT", help="A note kept in the run's manifest (e.g. a change ticket).")
 @click.option("--max-bytes", metavar="SIZE", help="Cap each host's capture file (e.g. 500M); the host stops there.")
 @click.option("--detach", is_flag=True, help="Return once every reachable host records; gather later.")
 @click.option("--keep-remote", is_flag=True, help="Keep the hosts' copies after a verified gather.")
 @click.option("--compress", is_flag=True, help="Store the gathered files gzip'd (raw/HOST.capture.gz).")
-def capture_command(inventory_path, duration, limit, backend, mode, names, label, max_bytes, detach, keep_remote,
-                    compress) -> None:
+def capture_command(inventory_path, duration, limit, backend, mode, names, watch, label, max_bytes, detach,
+                    keep_remote, compress) -> None:
     """Record DNS lookups on every host at once, for a fixed duration, then gather the captures.
 
     The run id (UTC start time) is the first line on stdout. Each host records in the background under its own
@@ -255,23 +257,29 @@ def capture_command(inventory_path, duration, limit, backend, mode, names, label
     Ctrl-C stops every host now and gathers what exists. Exit 0 when every host was captured (or empty),
     1 when any is partial, failed or unreachable (the others' data is kept).
 
+    Before its recorder starts, each host takes a scan (raw/HOST.scan.json): the processes the libc probe
+    cannot see, the established TCP connections, and what each --watch NAME resolves to there.
+
     \b
     Examples:
       fleetdns capture --duration 10m
       fleetdns capture -i inventory/prod.ini --duration 1h30m --limit 'web*' --detach
       fleetdns capture --duration 30s --names '*.lab' --max-bytes 200M
+      fleetdns capture --duration 1h --watch old-db.lab
     """
     from fleet import capture, deploy, inventory
     from fleet.durations import parse_duration, parse_size
 
     seconds = parse_duration(duration, what="--duration")
     cap = parse_size(max_bytes, what="--max-bytes") if max_bytes else None
+    _check_watch(watch)
     source = inventory_path or deploy.last_inventory()
     if source is None:
         raise UsageError("no inventory: pass -i INVENTORY or run 'fleetdns deploy INVENTORY' first")
     hosts = inventory.load(source, limit)
     options = {"backend": backend, "mode": mode, "duration_s": seconds, "names": list(names), "max_bytes": cap,
                "label": label, "cgroup": None, "interval_s": None}
+    options["watch"] = list(dict.fromkeys(watch))
     run = capture.new(str(Path(source).resolve()), limit, hosts, options, ["fleetdns", *sys.argv[1:]])
     out.print(run.id)
     fleet = capture.connect(hosts)
@@ -285,6 +293,17 @@ def capture_command(inventory_path, duration, limit, backend, mode, names, label
     finally:
         for conn in fleet.values():
             conn.close()
+
+
+def _check_watch(names: tuple[str, ...]) -> None:
+    """A --watch name is one DNS name: 1-253 bytes, no whitespace or control characters (fleet/hostscan.py)."""
+    from fleet.hostscan import MAX_WATCH, check_watch_name
+
+    for name in names:
+        if why := check_watch_name(name):
+            raise UsageError(f"--watch {name!r}: {why}")
+    if len(set(names)) > MAX_WATCH:
+        raise UsageError(f"at most {MAX_WATCH} --watch names, not {len(set(names))}")
 
 
 @cli.command("gather", context_settings=CONTEXT)

@@ -27,7 +27,7 @@ PACKAGE = Path(fleet.__file__).resolve().parent
 PLAYBOOK = PACKAGE.parent / "playbooks" / "deploy.yml"
 #: the parts of the package a host runs (standard library only), relative to the package directory
 HOST_FILES = ("__init__.py", "errors.py", "capture_format.py", "preflight.py", "hostrun.py", "private.py", "store.py",
-              "home.py")
+              "home.py", "hostscan.py")
 
 
 def build_host_zip() -> Path:

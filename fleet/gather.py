@@ -10,7 +10,9 @@ Per host (hosts in parallel, a bounded pool), skipping hosts whose file is alrea
 never started: the final ``status.json`` with the host's SHA-256 (read over SFTP; from ``fleetdns-probe run
 finish RUN --wait S`` while the recorder is still ending or was killed) → SFTP fetch into ``raw/HOST.capture.part``
 (continued from its length on a re-run) → size and SHA-256 checked → renamed (or gzip'd with ``compress``) →
-manifest updated → the host's run directory deleted unless ``keep_remote``.
+manifest updated → the host's run directory deleted unless ``keep_remote``. Before the capture, the host scan
+(``scan.json``, small: read whole, through ``sudo -n cat`` with become) is copied to ``raw/HOST.scan.json`` and
+summarised in the host's ``scan`` (fleet/store.py).
 A host that fails keeps its reason in the manifest and what is on its disk; the others carry on.
 """
 
@@ -26,7 +28,7 @@ from typing import Any
 
 from fleet.private import open_private
 from fleet.ssh import Connection, IntegrityError, SshError
-from fleet.store import Run
+from fleet.store import Run, scan_summary
 
 PROBE = "/opt/fleetdns/bin/fleetdns-probe"
 REMOTE_RUNS = "/var/lib/fleetdns/runs"
@@ -112,6 +114,11 @@ def _pull_host(run: Run, conn: Connection, manifest: ManifestLock, keep_remote: 
     if not status.get("sha256"):
         manifest.update(host, status="failed", reason=status.get("error") or "the host has no capture file")
         return
+    try:
+        manifest.update(host, scan=pull_scan(run, conn))
+    except SshError as exc:
+        manifest.update(host, status="unreachable", reason=f"{exc} (the capture stays on the host: gather again)")
+        return
     part = run.host_file(host).with_name(run.host_file(host).name + ".part")
     try:
         moved = conn.fetch(f"{remote_dir(run.id)}/capture", part, size=status["bytes"], sha256=status["sha256"])
@@ -138,6 +145,29 @@ def _pull_host(run: Run, conn: Connection, manifest: ManifestLock, keep_remote: 
                     bytes=status["bytes"], sha256=status["sha256"], resumed_from=status["bytes"] - moved)
     if not keep_remote:
         _remove(conn, run.id)
+
+
+def pull_scan(run: Run, conn: Connection) -> dict[str, Any]:
+    """Copy the host's ``scan.json`` into ``raw/HOST.scan.json`` (0600; kept as the host wrote it, even when
+    it does not parse) unless it is already there; return its manifest summary. A missing or unreadable scan is
+    a summary with an error, never a failed host (the capture is what counts); SshError passes through."""
+    target = run.scan_file(conn.host.name)
+    if not target.exists():
+        try:
+            data = conn.read_file(f"{remote_dir(run.id)}/scan.json")
+        except FileNotFoundError:
+            return scan_summary(None, "the host wrote no scan.json (its fleetdns predates the host scan: deploy)")
+        tmp = target.with_name(target.name + ".tmp")
+        with open_private(tmp, "wb") as f:
+            f.write(data)
+        tmp.rename(target)
+    try:
+        scan = json.loads(target.read_bytes())
+    except ValueError as exc:
+        return scan_summary(None, f"unreadable {target.name}: {exc}")
+    if not isinstance(scan, dict):
+        return scan_summary(None, f"unreadable {target.name}: not a JSON object")
+    return scan_summary(scan)
 
 
 def _final_status(conn: Connection, run_id: str, wait: float) -> tuple[dict[str, Any] | None, int, str]:

@@ -4,6 +4,7 @@ Deployed in the host zip and run as ``fleetdns-probe run ACTION RUN …`` (stand
 
     run start  RUN --duration S [--backend auto|bpftrace|stap] [--mode events|summary] [--names GLOB]…
                    [--max-bytes N] [--start-timeout S]     # exit 0 once recording, 1 if it could not start
+                   [--watch NAME]…                         # names the host scan resolves (docs/scan.md)
     run status RUN                                         # status.json (a dead recorder shows as "killed")
     run stop   RUN                                         # ask the recorder to end now (trailer written)
     run finish RUN [--wait S]                              # wait for the end; the final status with sha256
@@ -17,6 +18,7 @@ Every action prints the run's status as one JSON object on stdout. Files, under 
         status.json        0600, replaced atomically about every second while recording
         recorder.log       0600, the recorder's stderr
         stop               present once a stop was asked for
+        scan.json          0600, the host scan taken before the recorder starts (fleet/hostscan.py, docs/scan.md)
 
 ``status.json``::
 
@@ -32,6 +34,11 @@ null in summary mode, whose lookups are only in the dumps.
 A host is *recording* once the probe saw that lookup (summary mode: once attached, as the lookup only shows in
 the dumps). ``start`` runs the recorder in its own session under ``timeout -k 15 <duration + slack>``, so neither
 a dropped SSH connection nor a killed controller keeps it from ending on time.
+
+Before it launches the recorder, ``start`` takes the host scan (fleet/hostscan.py: blind spots, established TCP
+connections, what each ``--watch`` name resolves to, resolver files) into ``scan.json`` — first, so that the
+scan's own lookups are never captured. A failed scan is written into the file's ``errors``; it never stops the
+capture.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from fleet import hostscan
 from fleet.errors import FleetError, InputError
 from fleet.preflight import LOOKUP
 from fleet.private import open_private, private_dir, sha256_file, write_json_atomic
@@ -224,6 +232,24 @@ def _host_info(base: Path) -> dict[str, Any]:
         return {}
 
 
+def take_scan(run_dir: Path, libc: str | None, watch: list[str]) -> None:
+    """Write ``scan.json`` (fleet/hostscan.py) into *run_dir*, 0600. Never raises: the capture matters more
+    than the scan, so a failure is written into the file's ``errors`` (or, when even that fails, to stderr)."""
+    try:
+        if libc is None:
+            try:
+                libc = render.find_libc()  # what the recorder hooks when host.json names no libc
+            except FleetError:
+                libc = None
+        result = hostscan.scan(libc, watch)
+    except Exception as exc:  # noqa: BLE001 — hostscan.scan never raises; this is the belt to its braces
+        result = hostscan.empty(libc, [f"the scan failed: {type(exc).__name__}: {exc}"])
+    try:
+        write_json_atomic(run_dir / "scan.json", result)
+    except OSError as exc:
+        print(f"fleetdns-probe run: warning: scan.json not written: {exc}", file=sys.stderr)
+
+
 def start(base: Path, run_id: str, args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     """Launch the recorder detached, wait until it records (or fails); (status, exit code)."""
     info = _host_info(base)
@@ -239,6 +265,7 @@ def start(base: Path, run_id: str, args: argparse.Namespace) -> tuple[dict[str, 
         os.mkdir(run_dir, 0o700)
     except FileExistsError:
         raise InputError(f"run {run_id} already exists on this host") from None
+    take_scan(run_dir, info.get("libc"), args.watch)
     limit = int(args.duration) + ATTACH_SLACK + 30
     command = [shutil.which("timeout") or "timeout", "-k", "15", str(limit), sys.executable, "-m", "fleet.hostrun",
                "record", run_id, "--dir", str(base), "--duration", str(args.duration), "--backend", backend,
@@ -297,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-bytes", type=int, default=None)
     p.add_argument("--start-timeout", type=float, default=45.0)
     p.add_argument("--wait", type=float, default=0.0)
+    p.add_argument("--watch", action="append", default=[])
     a = p.parse_args(argv)
     if not RUN_ID_RE.match(a.run):
         print(f"fleetdns-probe run: error: bad run id {a.run!r}", file=sys.stderr)

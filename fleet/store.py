@@ -7,6 +7,7 @@ Layout (every directory 0700, every file 0600: DNS logs are personal data)::
             manifest.json          written atomically (temp file + rename) after every change
             raw/HOST.capture       the host's capture file as written on the host (capture format v1)
             raw/HOST.capture.gz    … or gzip'd, when gathered with --compress
+            raw/HOST.scan.json     the host scan taken when its capture started (fleet/hostscan.py, docs/scan.md)
 
 ``manifest.json`` (format ``fleetdns-run/1``)::
 
@@ -15,7 +16,11 @@ Layout (every directory 0700, every file 0600: DNS logs are personal data)::
      "options": {"backend", "mode", "duration_s", "names": [GLOB…], "cgroup", "interval_s", …},
      "hosts": {HOST: {"status": STATUS, "reason": TEXT | null, "file": "raw/HOST.capture" | null,
                       "bytes": N | null, "sha256": HEX | null, "lost": N | null, "records": N | null,
-                      "backend": NAME | null, "window": {"start": ISO | null, "end": ISO | null}}}}
+                      "backend": NAME | null, "window": {"start": ISO | null, "end": ISO | null},
+                      "scan": null | {"blind_spots": N, "connections": N, "watch": N, "error": null | TEXT}}}}
+
+``scan`` is null until gather pulled the host's scan (:func:`scan_summary`); the counts are null when there is no
+scan to count (``error`` says why).
 
 ``STATUS`` is one of :data:`STATUSES`: ``pending`` (started, not gathered yet), ``running``, ``captured`` (the whole
 window, trailer present), ``empty`` (captured, no lookups), ``partial`` (a file, but the capture ended early, lost
@@ -27,6 +32,8 @@ API::
     open_run(run_id | None) -> Run                       # None: the newest run; InputError on a bad or unknown id
     list_runs() -> list[Run]                             # newest first
     run.manifest (dict), run.path, run.id, run.raw_dir, run.host_file(host, compressed=False) -> Path
+    run.scan_file(host) -> Path                          # raw/HOST.scan.json
+    scan_summary(scan | None, error=None) -> dict        # a host entry's "scan"
     run.update_host(host, **fields); run.save()
 """
 
@@ -79,6 +86,9 @@ class Run:
     def host_file(self, host: str, compressed: bool = False) -> Path:
         return self.raw_dir / (check_host_name(host) + (".capture.gz" if compressed else ".capture"))
 
+    def scan_file(self, host: str) -> Path:
+        return self.raw_dir / (check_host_name(host) + ".scan.json")
+
     def update_host(self, host: str, **fields: Any) -> None:
         entry = self.manifest["hosts"].setdefault(host, _host_entry())
         entry.update(fields)
@@ -89,7 +99,24 @@ class Run:
 
 def _host_entry() -> dict[str, Any]:
     return {"status": "pending", "reason": None, "file": None, "bytes": None, "sha256": None, "lost": None,
-            "records": None, "backend": None, "window": {"start": None, "end": None}}
+            "records": None, "backend": None, "window": {"start": None, "end": None}, "scan": None}
+
+
+def scan_summary(scan: dict[str, Any] | None, error: str | None = None) -> dict[str, Any]:
+    """A host entry's ``scan``: how many blind spots, connections and watched names its scan.json holds, and
+    its first error (with how many more) — or, with no scan (*scan* None), null counts and *error*."""
+    if scan is None:
+        return {"blind_spots": None, "connections": None, "watch": None, "error": error or "no scan"}
+
+    def count(key: str) -> int | None:
+        value = scan.get(key)
+        return len(value) if isinstance(value, list) else None
+
+    errors = scan.get("errors") if isinstance(scan.get("errors"), list) else []
+    if error is None and errors:
+        error = str(errors[0]) + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+    return {"blind_spots": count("blind_spots"), "connections": count("connections"), "watch": count("watch"),
+            "error": error}
 
 
 def new_run_id(now: datetime.datetime | None = None) -> str:

@@ -160,8 +160,8 @@ def test_max_bytes_caps_the_file_and_an_interrupted_gather_resumes(deployed):
     assert local.read_bytes() == whole and not part.exists()
     parsed = capture_format.parse_capture(local)
     assert parsed.trailer is not None and parsed.lost >= status["dropped"]
-    assert host_sh(lab, "lab1", f"ls /var/lib/fleetdns/runs/{run_id}").split() == ["capture", "recorder.log",
-                                                                                   "status.json"]  # --keep-remote
+    assert host_sh(lab, "lab1", f"ls /var/lib/fleetdns/runs/{run_id}").split() == [
+        "capture", "recorder.log", "scan.json", "status.json"]  # --keep-remote
 
 
 def test_a_changed_host_key_is_refused(deployed, tmp_path):

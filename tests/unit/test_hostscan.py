@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from fleet import hostscan
+from fleet import gather, hostrun, hostscan, store
+from fleet.errors import ExitCode
 from fleet.hostscan import ElfFacts, Mapping
+from tests.conftest import fleetdns
+from tests.unit.test_cli import assert_one_line_error
 
 # ---------------------------------------------------------------------------------------------- /proc parsers
 
@@ -458,3 +461,77 @@ def test_scan_survives_a_missing_hooked_libc_and_a_failing_step(monkeypatch):
     assert any("no such file" in e for e in result["errors"])
     assert any("processes: the scan failed: RuntimeError: no /proc today" in e for e in result["errors"])
     assert set(result) == set(hostscan.empty(None, []))
+
+
+# ---------------------------------------------------------------------------------------------- integration
+
+
+def test_run_start_writes_scan_json_0600_even_when_the_scan_fails(tmp_path, monkeypatch):
+    hostrun.take_scan(tmp_path, this_libc(), ["localhost"])
+    path = tmp_path / "scan.json"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    scan = json.loads(path.read_text())
+    assert scan["format"] == "fleetdns-scan/1" and scan["watch"][0]["name"] == "localhost"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(hostscan, "scan", boom)
+    hostrun.take_scan(tmp_path, None, [])
+    scan = json.loads(path.read_text())
+    assert scan["errors"] == ["the scan failed: RuntimeError: broken"] and scan["blind_spots"] == []
+
+
+class FakeConn:
+    """What gather.pull_scan uses of a Connection: the host's name and read_file."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.host = type("H", (), {"name": "lab1"})()
+
+    def read_file(self, path: str) -> bytes:
+        if path not in self.files:
+            raise FileNotFoundError(path)
+        return self.files[path]
+
+
+def test_gather_copies_the_scan_0600_and_summarises_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEETDNS_REPORTS", str(tmp_path))
+    run = store.new_run({"mode": "events", "duration_s": 10}, "inv.ini", None, ["lab1"])
+    assert run.manifest["hosts"]["lab1"]["scan"] is None
+    scan = {**hostscan.empty("/lib/libc.so.6", ["pid 7: /proc/7/exe: permission denied", "second"]),
+            "blind_spots": [{"pid": 1}], "connections": [{}, {}], "watch": [{}]}
+    remote = f"{gather.remote_dir(run.id)}/scan.json"
+    summary = gather.pull_scan(run, FakeConn({remote: json.dumps(scan).encode()}))
+    assert summary == {"blind_spots": 1, "connections": 2, "watch": 1,
+                       "error": "pid 7: /proc/7/exe: permission denied (and 1 more)"}
+    local = run.scan_file("lab1")
+    assert local == run.raw_dir / "lab1.scan.json" and oct(local.stat().st_mode & 0o777) == "0o600"
+    assert json.loads(local.read_text()) == scan
+    assert gather.pull_scan(run, FakeConn({})) == summary  # already local: not fetched again
+
+    local.unlink()
+    missing = gather.pull_scan(run, FakeConn({}))
+    assert missing["blind_spots"] is None and "no scan.json" in missing["error"]
+    broken = gather.pull_scan(run, FakeConn({remote: b"{not json"}))
+    assert broken["watch"] is None and "unreadable lab1.scan.json" in broken["error"]
+    assert local.read_bytes() == b"{not json"  # kept as the host wrote it
+    assert store.scan_summary(hostscan.empty(None, [])) == {"blind_spots": 0, "connections": 0, "watch": 0,
+                                                             "error": None}
+
+
+def test_capture_passes_watch_names_to_run_start():
+    from fleet import capture
+
+    run = type("R", (), {"id": "20261203T130000Z"})()
+    argv = capture._start_argv(run, {"duration_s": 5, "backend": "auto", "mode": "events", "watch": ["old-db.lab"]})
+    assert "--watch=old-db.lab" in argv
+
+
+@pytest.mark.parametrize(("watch", "needle"), [
+    ("a b", "--watch 'a b': a name has no whitespace"), ("", "a name is 1 to 253 bytes, not 0"),
+    ("x" * 254, "not 254"), ("a\x1bb", "--watch 'a\\x1bb'"),
+])
+def test_capture_refuses_a_bad_watch_name_in_one_line(tmp_path, watch, needle):
+    proc = fleetdns("capture", "--duration", "5s", "--watch", watch, home=tmp_path)
+    assert_one_line_error(proc, ExitCode.USAGE, needle)
