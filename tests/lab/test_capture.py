@@ -302,6 +302,8 @@ def test_a_non_root_ssh_user_becomes_root_with_sudo(deployed, become_user, tmp_p
     assert set(events[events["name"] == "db.lab"]["comm"]) == {"python3"}
     assert set(events["comm"]) <= {"python3", "sshd", "sudo"}  # sudo resolves the host's own name: real lookups
     assert entry["sha256"] == sha256_file(path)
+    scan = path.with_name("lab2.scan.json")  # root's on the host (0600): read through sudo too
+    assert mode(scan) == "600" and json.loads(scan.read_text())["host"] == "lab2" and entry["scan"]["error"] is None
     assert host_sh(lab, "lab2", f"ls -d {remote} 2>/dev/null") == ""  # removed as root after the verified gather
 
     su = inventory.read_text().replace("ansible_become=true", "ansible_become=true\nansible_become_method=su")
