@@ -41,15 +41,17 @@ for other bytes and control characters escaped (``fleet.capture_format.display_b
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import ipaddress
+import mmap
 import os
 import re
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,11 +284,12 @@ def is_glibc(path: bytes) -> bool:
     return bool(_GLIBC.fullmatch(_base(path)))
 
 
-def classify(elf: ElfFacts | None, maps: list[Mapping], hooked: tuple[int, int] | None, same_mount_ns: bool,
+def classify(elf: ElfFacts | None, maps: list[Mapping], hooked: Collection[tuple[int, int]], same_mount_ns: bool,
              mount_ns: str = "") -> tuple[str, str] | None:
-    """Why the libc probe (a uprobe on the *hooked* libc file, ``(st_dev, st_ino)``) cannot see this process's
-    lookups: ``(reason, detail)``, or None when it can (or nothing says it cannot). *elf* is None when the
-    program file could not be read; the maps still decide musl and other libcs then.
+    """Why the libc probe (a uprobe on the hooked libc file, known by the ``(dev, ino)`` pairs in *hooked*;
+    empty when unknown) cannot see this process's lookups: ``(reason, detail)``, or None when it can (or nothing
+    says it cannot). *elf* is None when the program file could not be read; the maps still decide musl and other
+    libcs then.
 
     First match wins: ``go`` (Go resolves with its own code, cgo or not, unless told otherwise), ``static``
     (no PT_INTERP: any libc is inside the program), ``musl``, then a glibc that is not the hooked file:
@@ -302,7 +305,7 @@ def classify(elf: ElfFacts | None, maps: list[Mapping], hooked: tuple[int, int] 
     if musl:
         return "musl", f"musl libc {display_bytes(musl[0])}, not the hooked glibc"
     libcs = [m for m in maps if is_glibc(m.path)]
-    if hooked is None or not libcs or any((m.dev, m.ino) == hooked for m in libcs):
+    if not hooked or not libcs or any((m.dev, m.ino) in hooked for m in libcs):
         return None
     m = libcs[0]
     what = (f"{display_bytes(m.path)}{' (deleted)' if m.deleted else ''} "
@@ -400,6 +403,34 @@ def _link(path: str) -> bytes | None:
         return None
 
 
+def _as_mapped(path: str) -> tuple[int, int] | None:
+    """The ``(dev, ino)`` that /proc/PID/maps shows for *path*: one page of it mapped here and looked up in our
+    own maps. On overlayfs it differs from ``os.stat``'s (maps names the overlay's device, stat a per-layer one:
+    seen on 6.18), so comparing other processes' maps with stat alone would call the hooked file another libc.
+    None when it cannot be mapped."""
+    try:
+        with open(path, "rb") as f:
+            # private and writable only so that ctypes can take its address; never written
+            page = mmap.mmap(f.fileno(), mmap.PAGESIZE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, ValueError):
+        return None
+    try:
+        view = ctypes.c_char.from_buffer(page)
+        start = b"%x-" % ctypes.addressof(view)
+        del view  # the buffer export would keep the mapping from closing
+        data, _ = _read("/proc/self/maps", MAPS_BYTES)
+        line = next((line for line in data.splitlines() if line.startswith(start)), b"")
+        mapped = parse_maps(line)
+        return (mapped[0].dev, mapped[0].ino) if mapped else None
+    except OSError:
+        return None
+    finally:
+        try:
+            page.close()
+        except BufferError:  # still exported: the page goes with the garbage collector
+            pass
+
+
 def _utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -459,7 +490,7 @@ def _pids() -> list[int]:
 class _ProcessWalk:
     """One pass over /proc: blind spots, the owner of every socket, the network namespaces to read TCP from."""
 
-    def __init__(self, hooked: tuple[int, int] | None, errors: _Errors) -> None:
+    def __init__(self, hooked: set[tuple[int, int]], errors: _Errors) -> None:
         self.hooked, self.errors = hooked, errors
         self.me = os.getpid()
         self.my_mnt, self.my_net = _link("/proc/self/ns/mnt"), _link("/proc/self/ns/net")
@@ -519,8 +550,11 @@ class _ProcessWalk:
         path = f"/proc/{pid}/exe"
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, ProcessLookupError):
-            raise _Vanished() from None
+        except (FileNotFoundError, ProcessLookupError) as exc:
+            if not os.path.exists(f"/proc/{pid}"):
+                raise _Vanished() from None
+            self.errors.add(f"pid {pid}: {path}: {_why(exc)}")
+            return None
         except OSError as exc:
             self.errors.add(f"pid {pid}: {path}: {_why(exc)}")
             return None
@@ -617,12 +651,15 @@ def scan(hooked_libc: str | None, watch: list[str], *, max_processes: int = MAX_
     if len(names) > MAX_WATCH:
         errors.add(f"{len(names) - MAX_WATCH} watched names left out: at most {MAX_WATCH}")
         names = names[:MAX_WATCH]
-    hooked = None
+    hooked: set[tuple[int, int]] = set()
     if hooked_libc:
         try:
             st = os.stat(hooked_libc)
-            hooked = (st.st_dev, st.st_ino)
             result["hooked_libc"].update(dev=st.st_dev, ino=st.st_ino)
+            hooked = {(st.st_dev, st.st_ino)}
+            mapped = _as_mapped(hooked_libc)
+            if mapped is not None:
+                hooked.add(mapped)
         except OSError as exc:
             errors.add(f"hooked libc {hooked_libc}: {_why(exc)} (other-libc and other-mount-ns not checked)")
     else:
