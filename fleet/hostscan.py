@@ -326,7 +326,7 @@ def nsswitch_hosts(data: bytes) -> str | None:
 
 def hosts_lines(data: bytes, names: Iterable[str]) -> list[str]:
     """The lines of an /etc/hosts file that give an address for one of *names* (any case), as written."""
-    wanted = {n.lower().encode("utf-8", "surrogateescape") for n in names}
+    wanted = {n.lower().encode("utf-8", "backslashreplace") for n in names}
     out = []
     for line in data.splitlines():
         fields = line.split(b"#", 1)[0].split()
@@ -339,11 +339,11 @@ def check_watch_name(name: str) -> str | None:
     """Why *name* cannot be a watched name, or None: 1 to 253 bytes (a DNS name's limit), no whitespace or
     control characters (a name is one argument on a command line and one token in reports), UTF-8 (what
     getaddrinfo() is given: a byte that is not UTF-8 arrives from the command line as a lone surrogate)."""
-    size = len(name.encode("utf-8", "surrogateescape"))
+    if any("\ud800" <= c <= "\udfff" for c in name):
+        return "a name is UTF-8 text"
+    size = len(name.encode("utf-8"))
     if not 1 <= size <= 253:
         return f"a name is 1 to 253 bytes, not {size}"
-    if any("\udc80" <= c <= "\udcff" for c in name):
-        return "a name is UTF-8 text"
     if any(c.isspace() or not c.isprintable() for c in name):
         return "a name has no whitespace or control characters"
     return None
@@ -422,7 +422,7 @@ def _as_mapped(path: str) -> tuple[int, int] | None:
         line = next((line for line in data.splitlines() if line.startswith(start)), b"")
         mapped = parse_maps(line)
         return (mapped[0].dev, mapped[0].ino) if mapped else None
-    except OSError:
+    except (OSError, TypeError, ValueError):
         return None
     finally:
         try:
@@ -651,25 +651,28 @@ def scan(hooked_libc: str | None, watch: list[str], *, max_processes: int = MAX_
     if len(names) > MAX_WATCH:
         errors.add(f"{len(names) - MAX_WATCH} watched names left out: at most {MAX_WATCH}")
         names = names[:MAX_WATCH]
-    hooked: set[tuple[int, int]] = set()
-    if hooked_libc:
+    bad = {n: why for n in names if (why := check_watch_name(n))}
+    good = [n for n in names if n not in bad]
+    hooked: set[tuple[int, int]] = set()  # the hooked file's (dev, ino) as stat and as maps show it
+
+    def hooked_libc_file() -> None:
+        if not hooked_libc:
+            errors.add("no hooked libc known (other-libc and other-mount-ns not checked)")
+            return
         try:
             st = os.stat(hooked_libc)
-            result["hooked_libc"].update(dev=st.st_dev, ino=st.st_ino)
-            hooked = {(st.st_dev, st.st_ino)}
-            mapped = _as_mapped(hooked_libc)
-            if mapped is not None:
-                hooked.add(mapped)
         except OSError as exc:
             errors.add(f"hooked libc {hooked_libc}: {_why(exc)} (other-libc and other-mount-ns not checked)")
-    else:
-        errors.add("no hooked libc known (other-libc and other-mount-ns not checked)")
+            return
+        result["hooked_libc"].update(dev=st.st_dev, ino=st.st_ino)
+        hooked.add((st.st_dev, st.st_ino))
+        mapped = _as_mapped(hooked_libc)
+        if mapped is not None:
+            hooked.add(mapped)
 
     def resolve() -> None:
-        bad = {n: why for n in names if (why := check_watch_name(n))}
-        good = _resolve([n for n in names if n not in bad], resolve_seconds)
-        answers = {r["name"]: r for r in good}
-        result["watch"] = [answers.get(n) or {"name": display_bytes(n.encode("utf-8", "surrogateescape")),
+        answers = {r["name"]: r for r in _resolve(good, resolve_seconds)}
+        result["watch"] = [answers.get(n) or {"name": display_bytes(n.encode("utf-8", "backslashreplace")),
                                               "addresses": [], "error": bad[n]} for n in names]
 
     def processes() -> None:
@@ -679,8 +682,8 @@ def scan(hooked_libc: str | None, watch: list[str], *, max_processes: int = MAX_
                       connections=_connections(walk, errors))
 
     # names first, connections last: the connections are then the ones open closest to the capture's start
-    steps = [("watched names", resolve),
-             ("resolver configuration", lambda: result.update(resolver=_resolver(names, errors))),
+    steps = [("hooked libc", hooked_libc_file), ("watched names", resolve),
+             ("resolver configuration", lambda: result.update(resolver=_resolver(good, errors))),
              ("processes", processes)]
     for what, step in steps:
         try:

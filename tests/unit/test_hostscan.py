@@ -239,7 +239,7 @@ def test_hosts_lines_name_a_watched_name_in_any_case_and_only_as_a_name():
 @pytest.mark.parametrize(("name", "ok"), [
     ("old-db.lab", True), ("x", True), ("a" * 253, True), ("é.example", True),
     ("", False), ("a" * 254, False), ("é" * 127, False), ("a b", False), ("a\tb", False), ("a\nb", False),
-    ("a\x7fb", False), ("a\u2028b", False), ("a\udcffb", False),
+    ("a\x7fb", False), ("a\u2028b", False), ("a\udcffb", False), ("a\ud800b", False), ("\udcff" * 300, False),
 ])
 def test_check_watch_name(name, ok):
     assert (hostscan.check_watch_name(name) is None) is ok
@@ -435,9 +435,12 @@ def test_watched_names_from_the_hosts_file_and_resolver_files():
     hosts = Path("/etc/hosts").read_bytes()
     if not hostscan.hosts_lines(hosts, ["localhost"]):
         pytest.skip("/etc/hosts does not name localhost (its lookup would go to DNS)")
-    result = hostscan.scan(this_libc(), ["localhost", "LOCALHOST", "localhost", "bad name", "a" * 64 + ".lab"])
+    result = hostscan.scan(this_libc(), ["localhost", "LOCALHOST", "localhost", "bad name", "a" * 64 + ".lab",
+                                         "x\udcffy"])
+    json.dumps(result, ensure_ascii=False).encode("utf-8")  # a lone surrogate in a name is not carried over
     watch = {w["name"]: w for w in result["watch"]}
-    assert list(watch) == ["localhost", "LOCALHOST", "bad name", "a" * 64 + ".lab"]  # duplicates once
+    assert list(watch) == ["localhost", "LOCALHOST", "bad name", "a" * 64 + ".lab", "x\\udcffy"]  # each once
+    assert watch["x\\udcffy"]["error"] == "a name is UTF-8 text"
     assert "127.0.0.1" in watch["localhost"]["addresses"] and watch["localhost"]["error"] is None
     assert len(watch["localhost"]["addresses"]) == len(set(watch["localhost"]["addresses"]))
     assert watch["bad name"] == {"name": "bad name", "addresses": [],
@@ -567,7 +570,7 @@ def test_capture_passes_watch_names_to_run_start():
 
 @pytest.mark.parametrize(("watch", "needle"), [
     ("a b", "--watch 'a b': a name has no whitespace"), ("", "a name is 1 to 253 bytes, not 0"),
-    ("x" * 254, "not 254"), ("a\x1bb", "--watch 'a\\x1bb'"),
+    ("x" * 254, "not 254"), ("a\x1bb", "--watch 'a\\x1bb'"), ("x\udcff", "a name is UTF-8 text"),
 ])
 def test_capture_refuses_a_bad_watch_name_in_one_line(tmp_path, watch, needle):
     proc = fleetdns("capture", "--duration", "5s", "--watch", watch, home=tmp_path)
