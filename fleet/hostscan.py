@@ -292,12 +292,14 @@ def classify(elf: ElfFacts | None, maps: list[Mapping], hooked: Collection[tuple
     libcs then.
 
     First match wins: ``go`` (Go resolves with its own code, cgo or not, unless told otherwise), ``static``
-    (no PT_INTERP: any libc is inside the program), ``musl``, then a glibc that is not the hooked file:
-    ``other-mount-ns`` when the process is in another mount namespace (a container), else ``other-libc``
-    (another copy, or the old file after an upgrade: ``(deleted)``)."""
+    (no PT_INTERP and no shared libc mapped: any libc is inside the program), ``musl``, then a glibc that is
+    not the hooked file: ``other-mount-ns`` when the process is in another mount namespace (a container), else
+    ``other-libc`` (another copy, or the old file after an upgrade: ``(deleted)``)."""
     if elf is not None and elf.go:
         return "go", f"Go program ({elf.go}): Go resolves names with its own code, not libc's"
-    if elf is not None and elf.interp is None:
+    # no PT_INTERP but a shared libc mapped: a program started through the loader itself (ld.so PROGRAM), whose
+    # exe is ld.so: the maps decide
+    if elf is not None and elf.interp is None and not any(is_glibc(m.path) or is_musl(m.path) for m in maps):
         return "static", "statically linked, no dynamic loader: any libc is inside the program"
     musl = [m.path for m in maps if is_musl(m.path)]
     if not musl and elf is not None and elf.interp and is_musl(elf.interp):

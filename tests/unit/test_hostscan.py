@@ -191,6 +191,7 @@ DYNAMIC = ElfFacts(b"/lib64/ld-linux-x86-64.so.2", None)
     (DYNAMIC, [GLIBC], False, None, None),  # the very file, seen from another mount namespace: hooked
     (DYNAMIC, [], True, None, None),  # no libc mapped (yet): nothing says it is blind
     (ElfFacts(None, None), [], True, "static", "statically linked"),
+    (ElfFacts(None, None), [GLIBC], True, None, None),  # exe is ld.so: `ld.so PROGRAM`, with the hooked libc
     (ElfFacts(None, "Go build-id note"), [], True, "go", "Go build-id note"),
     (ElfFacts(b"/lib64/ld.so", ".go.buildinfo section"), [GLIBC], True, "go", ".go.buildinfo"),  # cgo: still Go
     (ElfFacts(b"/lib/ld-musl-x86_64.so.1", None), [Mapping(1, 2, b"/lib/ld-musl-x86_64.so.1", False)], True,
@@ -216,7 +217,7 @@ def test_classify(elf_facts, maps, same_ns, reason, needle):
 def test_without_a_known_hooked_libc_only_the_program_decides():
     other = [Mapping(7, 8, b"/usr/lib/x86_64-linux-gnu/libc.so.6", False)]
     assert hostscan.classify(DYNAMIC, other, set(), True) is None
-    assert hostscan.classify(ElfFacts(None, None), other, set(), True)[0] == "static"
+    assert hostscan.classify(ElfFacts(None, None), [], set(), True)[0] == "static"
 
 
 # ---------------------------------------------------------------------------------------------- resolver files
@@ -341,6 +342,15 @@ def test_static_musl_and_go_programs_are_blind_spots_and_dynamic_sleep_is_not(pr
     assert spots[go.pid]["reason"] == "go" and spots[go.pid]["comm"] == "gosleeper"
     assert result["processes"] >= 4 and result["hooked_libc"]["ino"] == os.stat(this_libc()).st_ino
     assert os.getpid() not in spots  # the scanner itself is left out
+
+
+def test_a_program_run_through_the_loader_is_judged_by_its_maps(started):
+    loader = next((p for p in ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1") if os.path.exists(p)),
+                  None)
+    if loader is None:
+        pytest.skip("no known glibc loader path on this machine")
+    proc = started([loader, shutil.which("sleep"), "600"], wait_for="libc")
+    assert proc.pid not in by_pid(hostscan.scan(this_libc(), []))
 
 
 def test_a_copy_of_libc_is_another_libc(tmp_path, started):
