@@ -241,13 +241,19 @@ def check_command(run_id: str | None, absent: tuple[str, ...], present: tuple[st
 @click.option("--mode", type=click.Choice(["events", "summary"]), default="events", show_default=True,
               help="events: one record per lookup; summary: in-kernel counts and latency histograms.")
 @click.option("--names", multiple=True, metavar="GLOB", help="Only names matching this glob (repeatable).")
+@click.option("--source", type=click.Choice(["libc", "wire", "both"]), default=None,
+              help="libc: the resolver functions; wire: DNS queries sent to UDP port 53 (bpftrace); "
+              "default: both with bpftrace, libc with stap.")
+@click.option("--wire-scope", type=click.Choice(["auto", "all", "netns"]), default="auto", show_default=True,
+              help="The wire source's network namespaces: all (containers too), netns (the probe's own); "
+              "auto: netns when the probe runs inside a container or lab host, else all.")
 @click.option("--label", metavar="TEXT", help="A note kept in the run's manifest (e.g. a change ticket).")
 @click.option("--max-bytes", metavar="SIZE", help="Cap each host's capture file (e.g. 500M); the host stops there.")
 @click.option("--detach", is_flag=True, help="Return once every reachable host records; gather later.")
 @click.option("--keep-remote", is_flag=True, help="Keep the hosts' copies after a verified gather.")
 @click.option("--compress", is_flag=True, help="Store the gathered files gzip'd (raw/HOST.capture.gz).")
-def capture_command(inventory_path, duration, limit, backend, mode, names, label, max_bytes, detach, keep_remote,
-                    compress) -> None:
+def capture_command(inventory_path, duration, limit, backend, mode, names, source, wire_scope, label, max_bytes,
+                    detach, keep_remote, compress) -> None:
     """Record DNS lookups on every host at once, for a fixed duration, then gather the captures.
 
     The run id (UTC start time) is the first line on stdout. Each host records in the background under its own
@@ -271,7 +277,8 @@ def capture_command(inventory_path, duration, limit, backend, mode, names, label
         raise UsageError("no inventory: pass -i INVENTORY or run 'fleetdns deploy INVENTORY' first")
     hosts = inventory.load(source, limit)
     options = {"backend": backend, "mode": mode, "duration_s": seconds, "names": list(names), "max_bytes": cap,
-               "label": label, "cgroup": None, "interval_s": None}
+               "label": label, "cgroup": None, "interval_s": None,
+               "source": source, "wire_scope": wire_scope}
     run = capture.new(str(Path(source).resolve()), limit, hosts, options, ["fleetdns", *sys.argv[1:]])
     out.print(run.id)
     fleet = capture.connect(hosts)
@@ -453,6 +460,12 @@ def deploy_command(inventory_path: str, limit: str | None, check: bool, backend:
 @click.option("--binary", "binaries", metavar="PATH", multiple=True,
               help="Also hook this program (a static binary carrying its own resolver; repeatable).")
 @click.option("--cgroup", metavar="PATH", help="Only processes in this cgroup v2 directory (bpftrace).")
+@click.option("--source", type=click.Choice(["libc", "wire", "both"]), default=None,
+              help="libc: the resolver functions (uprobes); wire: DNS queries sent to UDP port 53 (syscall "
+              "tracepoints, bpftrace; sees dig, Go, static binaries). Default: both with bpftrace, libc with stap.")
+@click.option("--wire-scope", type=click.Choice(["auto", "all", "netns"]), default="auto", show_default=True,
+              help="The wire source's network namespaces: all, or netns (this one); auto: netns inside a "
+              "container, else all.")
 @click.option("--interval", metavar="D", default="60s", show_default=True,
               help="Summary mode: print the in-kernel counts this often.")
 @click.option("--stap-runtime", type=click.Choice(["module", "bpf"]), default=None,
@@ -460,7 +473,7 @@ def deploy_command(inventory_path: str, limit: str | None, check: bool, backend:
               "kernel's build tree is real, else bpf.")
 def probe_command(backend: str, mode: str, duration: str | None, output: str | None, table: bool,
                   names: tuple[str, ...], libc: str | None, binaries: tuple[str, ...], cgroup: str | None,
-                  interval: str, stap_runtime: str | None) -> None:
+                  source: str | None, wire_scope: str, interval: str, stap_runtime: str | None) -> None:
     """Record DNS lookups on THIS machine: which process resolves which name (root).
 
     The single-host probe, and the same code the fleet's hosts run. Ctrl-C (or --duration running out) ends
@@ -473,6 +486,7 @@ def probe_command(backend: str, mode: str, duration: str | None, output: str | N
       fleetdns probe --duration 10m --output dns.capture
       fleetdns probe --mode summary --duration 1h --names '*.corp.example' -o busy.capture
       fleetdns probe --backend stap --table --names 'old-db.*'
+      fleetdns probe --source wire --duration 1m -o wire.capture
     """
     from rich.live import Live
 
@@ -485,7 +499,9 @@ def probe_command(backend: str, mode: str, duration: str | None, output: str | N
     if table and mode != "events":
         raise UsageError("--table shows single lookups: use it with --mode events")
     opts = render.ProbeOptions(backend=backend, mode=mode, libc=libc, binaries=binaries, names=names,
-                               cgroup=cgroup, interval=max(1, round(every)), stap_runtime=stap_runtime)
+                               cgroup=cgroup, interval=max(1, round(every)), stap_runtime=stap_runtime,
+                               sources=render.resolve_sources(source, backend),
+                               wire_netns=render.wire_netns(wire_scope))
     if output is None:
         output = os.devnull if table else "-"
     view = LookupTable() if table else None
