@@ -46,9 +46,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fleet import capture_format
+from fleet import capture_format, store
 from fleet.errors import InputError, UsageError
-from fleet import store
 from fleet.store import STATUSES, Run
 
 GROUP_KEYS = ("host", "process", "pid", "name", "function", "source")
@@ -765,7 +764,8 @@ DIFF_CHANGES = ("appeared", "disappeared", "not captured", "changed", "same")
 
 def diff(a: Loaded, b: Loaded, by: Sequence[str] = DIFF_BY, include_same: bool = False) -> pd.DataFrame:
     """Rows of *by* keys with ``change`` (one of :data:`DIFF_CHANGES`), ``lookups_a/_b``, ``failed_a/_b``,
-    ``p50_ms_a/_b``, ``p95_ms_a/_b``, ``lookups_delta``.
+    ``p50_ms_a/_b``, ``p95_ms_a/_b``, ``lookups_delta``, and last ``source_a/_b`` (the key's sources in each run,
+    as in :func:`aggregate`; absent when ``source`` is one of *by*).
 
     ``disappeared`` means the key is gone although its host was completely captured in B; where the host was
     not (failed, partial, lost events), the change is ``not captured``: its absence proves nothing.
@@ -773,7 +773,7 @@ def diff(a: Loaded, b: Loaded, by: Sequence[str] = DIFF_BY, include_same: bool =
     """
     by = list(by)
     ta, tb = aggregate(a, by), aggregate(b, by)
-    metrics = ["lookups", "failed", "p50_ms", "p95_ms"]
+    metrics = ["lookups", "failed", "p50_ms", "p95_ms", *(["source"] if "source" not in by else [])]
     merged = ta[[*by, *metrics]].merge(tb[[*by, *metrics]], on=by, how="outer", suffixes=("_a", "_b"),
                                        indicator=True)
     in_a, in_b = merged["_merge"] != "right_only", merged["_merge"] != "left_only"
@@ -785,16 +785,16 @@ def diff(a: Loaded, b: Loaded, by: Sequence[str] = DIFF_BY, include_same: bool =
         complete_b = set(b.coverage.loc[b.coverage["complete"].fillna(False).astype(bool), "host"])
         lost = (merged["change"] == "disappeared") & ~merged["host"].astype(str).isin(complete_b)
         merged.loc[lost, "change"] = "not captured"
-    for col in ("lookups", "failed"):
-        merged[f"{col}_a"] = merged[f"{col}_a"].fillna(0)
-        merged[f"{col}_b"] = merged[f"{col}_b"].fillna(0)
+    for col in ("lookups", "failed"):  # 0 in the run without the key; a wire-only key's failed stays unknown
+        merged[f"{col}_a"] = merged[f"{col}_a"].mask(~in_a, 0)
+        merged[f"{col}_b"] = merged[f"{col}_b"].mask(~in_b, 0)
     merged["lookups_delta"] = merged["lookups_b"] - merged["lookups_a"]
     if not include_same:
         merged = merged[merged["change"] != "same"]
     merged["change"] = pd.Categorical(merged["change"], categories=DIFF_CHANGES)
     merged = merged.sort_values(["change", "lookups_delta", *by], key=_abs_delta_key, kind="stable")
-    columns = [*by, "change", "lookups_a", "lookups_b", "lookups_delta", "failed_a", "failed_b",
-               "p50_ms_a", "p50_ms_b", "p95_ms_a", "p95_ms_b"]
+    columns = [*by, "change", "lookups_a", "lookups_b", "lookups_delta", "failed_a", "failed_b", "p50_ms_a",
+               "p50_ms_b", "p95_ms_a", "p95_ms_b", *(["source_a", "source_b"] if "source" in metrics else [])]
     out = merged[columns].reset_index(drop=True)
     return out.astype({c: "Int64" for c in ("lookups_a", "lookups_b", "lookups_delta", "failed_a", "failed_b")})
 
@@ -805,34 +805,107 @@ def _abs_delta_key(col: pd.Series) -> pd.Series:
 
 # ---------------------------------------------------------------------------------------------- check
 
+#: columns of :attr:`CheckResult.evidence` and :attr:`CheckResult.blind_spots`
+EVIDENCE_COLUMNS = ["host", "pid", "process", "name", "remote", "connections"]
+BLIND_SPOT_COLUMNS = ["host", "pid", "process", "exe", "reason", "detail", "covered"]
+
+
 @dataclasses.dataclass
 class CheckResult:
     """The answer to a change ticket.
 
-    ``offenders``: host, process, pid, name, lookups, last_seen of every --absent match. ``missing``: the
+    ``offenders``: host, process, pid, name, lookups, last_seen, source of every --absent match. ``missing``: the
     --present globs no host resolved. ``unproven``: coverage rows of the hosts whose capture is not complete.
+    ``evidence``: pre-capture evidence from the host scans (:data:`EVIDENCE_COLUMNS`): connections open at
+    capture start to an address a watched --absent name resolved to. ``blind_spots``: the processes the libc
+    probe cannot see (:data:`BLIND_SPOT_COLUMNS`; ``covered``: the wire source ran on that host). ``notes``: one
+    line each — hosts without a scan, globs without a watched name, watched names that did not resolve.
     """
 
     offenders: pd.DataFrame
     missing: list[str]
     unproven: pd.DataFrame
+    evidence: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=EVIDENCE_COLUMNS))
+    blind_spots: pd.DataFrame = dataclasses.field(
+        default_factory=lambda: pd.DataFrame(columns=BLIND_SPOT_COLUMNS))
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def uncovered_hosts(self) -> list[str]:
+        """Hosts with processes the libc probe cannot see and no wire source: absence is unproven there."""
+        return sorted(set(self.blind_spots.loc[~self.blind_spots["covered"].astype(bool), "host"].astype(str)))
 
     @property
     def verdict(self) -> str:
         """``violated`` (a host resolved an absent name, or a present name was seen nowhere while every host was
-        fully captured), ``unproven`` (nothing wrong seen, but not every host was fully captured) or ``proven``."""
+        fully captured), ``unproven`` (nothing wrong seen, but not every host was fully captured, or pre-capture
+        evidence, or blind spots without a wire source) or ``proven``."""
         if len(self.offenders) or (self.missing and self.unproven.empty):
             return "violated"
-        return "unproven" if len(self.unproven) else "proven"
+        return "unproven" if len(self.unproven) or len(self.evidence) or self.uncovered_hosts else "proven"
+
+    def lines(self) -> list[str]:
+        """The evidence, blind-spot and note lines printed next to the verdict (one line each, escaped text)."""
+        out = [f"{r.host}: {_process_text(r.pid, r.process)} holds {r.connections} "
+               f"{'connection' if r.connections == 1 else 'connections'} to {r.remote}, which {r.name} resolved to "
+               "at capture start — it resolved before the capture began" for r in self.evidence.itertuples()]
+        for host, rows in self.blind_spots.groupby("host", observed=True, sort=True):
+            kinds = ", ".join(f"{k} {n}" for k, n in rows["reason"].astype(str).value_counts().sort_index().items())
+            noun = "process" if len(rows) == 1 else "processes"
+            what = f"{host}: {len(rows)} {noun} the libc probe cannot see ({kinds})"
+            out.append(what + (" — covered by the wire source: their UDP/53 queries are seen; /etc/hosts lookups of "
+                               "static binaries are not" if rows["covered"].all()
+                               else " and the wire source did not run: absence is unproven there"))
+        return out + self.notes
+
+
+def _process_text(pid: Any, process: Any) -> str:
+    if pid is None or pid is pd.NA:
+        return "a process the scan could not name"
+    return f"pid {pid} ({'?' if process is None or process is pd.NA else process})"
 
 
 def check(loaded: Loaded, absent: Sequence[str], present: Sequence[str] = ()) -> CheckResult:
-    """Check the --absent and --present name globs against every host of *loaded*."""
+    """Check the --absent and --present name globs against every host of *loaded*, with the host scans'
+    pre-capture evidence and blind spots for the --absent globs (docs/report.md)."""
     if not absent and not present:
         raise UsageError("give at least one --absent or --present name glob")
     table = aggregate(loaded, ("host", "process", "pid", "name"))
     offenders = table[match_globs(table["name"], absent, fold_case=True)] if absent else table.iloc[0:0]
     missing = [g for g in present if not match_globs(table["name"], [g], fold_case=True).any()]
     unproven = loaded.coverage[~loaded.coverage["complete"].fillna(False).astype(bool)]
-    return CheckResult(offenders[["host", "process", "pid", "name", "lookups", "last_seen"]].reset_index(drop=True),
-                       missing, unproven.reset_index(drop=True))
+    result = CheckResult(offenders[["host", "process", "pid", "name", "lookups", "last_seen", "source"]]
+                         .reset_index(drop=True), missing, unproven.reset_index(drop=True))
+    if absent:
+        result.evidence, notes = _evidence(loaded, absent)
+        wire_hosts = set(loaded.coverage.loc[loaded.coverage["sources"].fillna("").str.contains("wire"), "host"])
+        result.blind_spots = loaded.blind_spots.assign(
+            covered=loaded.blind_spots["host"].astype(str).isin(wire_hosts).to_numpy(dtype=bool)
+        )[BLIND_SPOT_COLUMNS].reset_index(drop=True)
+        result.notes = [f"{host}: {note}" for host, note in sorted(loaded.scan_notes.items())] + notes
+    return result
+
+
+def _evidence(loaded: Loaded, absent: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
+    """Connections open at capture start to an address that a watched name matching an --absent glob resolved to
+    (:data:`EVIDENCE_COLUMNS`), and the note lines: a glob no watched name matches, a watched name that did not
+    resolve on a host."""
+    watch, notes, hits = loaded.watch, [], []
+    for glob in absent:
+        matched = watch[match_globs(watch["name"], [glob], fold_case=True)] if len(watch) else watch
+        if matched.empty:
+            name = glob if not any(c in glob for c in "*?[") else f"NAME (a name matching {glob})"
+            notes.append(f"no pre-capture evidence for {glob}: capture with --watch {name}")
+            continue
+        hits.append(matched.dropna(subset=["address"]))
+        for r in matched[matched["address"].isna()].itertuples():
+            notes.append(f"{r.host}: {r.name} did not resolve at capture start"
+                         + ("" if r.error is pd.NA else f" ({r.error})"))
+    if not hits:
+        return pd.DataFrame(columns=EVIDENCE_COLUMNS), list(dict.fromkeys(notes))
+    found = (pd.concat(hits).astype({"host": str}).drop_duplicates()
+             .merge(loaded.connections.astype({"host": str}), left_on=["host", "address"],
+                    right_on=["host", "remote_addr"]))
+    evidence = (found.groupby(["host", "pid", "process", "name", "remote"], dropna=False, sort=True).size()
+                .rename("connections").reset_index())
+    return evidence[EVIDENCE_COLUMNS], list(dict.fromkeys(notes))
