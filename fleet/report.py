@@ -207,6 +207,8 @@ def reconcile(events: pd.DataFrame, wire: pd.DataFrame) -> tuple[pd.DataFrame, p
     if len(events) and len(wire):
         cand = _candidates(wire)
         start = _ns(events["time"])
+        base = min(start.min(), cand["t"].min())  # small times stay exact in the float64 of unmatched rows
+        start, cand["t"] = start - base, cand["t"] - base
         lookups = pd.DataFrame({"e": np.arange(len(events)), "pid": events["pid"].to_numpy(dtype=np.int64),
                                 "start": start, "key": _libc_keys(events).to_numpy(),
                                 "end": start + events["latency_ns"].to_numpy(dtype=np.int64) + MATCH_SLACK_NS})
