@@ -458,7 +458,7 @@ def parse_capture(source: bytes | str | os.PathLike[str]) -> Capture:
                 if len(fields) != 16:
                     raise ValueError
                 numbers = [int(x) for x in fields[:13]]
-                payload = b"".join(decode_hex(x) for x in fields[13:])
+                payload = decode_hex(b"".join(fields[13:]))  # three \xNN fields: one string when joined
                 if len(payload) != min(numbers[10], WIRE_MAX):
                     raise ValueError
                 wire_rows.append((*numbers, payload))
@@ -529,12 +529,13 @@ def _wire_frame(host: str | None, offset: int, records: list[tuple[Any, ...]], d
                 globs: list[str]) -> pd.DataFrame:
     """The wire table from W records' fields (one row per query packet): responses and packets without a
     question are left out, undecodable payloads counted as ``bad_wire``, names outside the header's name globs
-    left out (the probe filters libc names in the kernel; its wire side cannot). Comms and servers are decoded
-    once per distinct value."""
+    left out (the probe filters libc names in the kernel; its wire side cannot). Comms, servers and display names
+    are decoded once per distinct value."""
     from fleet.probes.render import name_matches
 
     rows = []
     comms: dict[tuple[int, int], tuple[bytes, str]] = {}
+    names: dict[bytes, str | None] = {}
     servers: dict[tuple[int, int, int, int], str | None] = {}
     for boot_ns, pid, tid, uid, sid, _fd, af, addr0, addr1, port, sent, c0, c1, payload in records:
         try:
@@ -542,7 +543,11 @@ def _wire_frame(host: str | None, offset: int, records: list[tuple[Any, ...]], d
         except ValueError:
             damage["bad_wire"] += 1
             continue
-        if question is None or not name_matches(question.name, globs):
+        if question is None:
+            continue
+        if question.name not in names:  # display text, or None when the name globs leave the name out
+            names[question.name] = display_bytes(question.name) if name_matches(question.name, globs) else None
+        if names[question.name] is None:
             continue
         if (c0, c1) not in comms:
             raw = comm_bytes(c0, c1)
@@ -554,7 +559,7 @@ def _wire_frame(host: str | None, offset: int, records: list[tuple[Any, ...]], d
         rows.append({"time": boot_ns + offset, "host": host, "pid": pid, "tid": tid, "uid": uid,
                      "comm": comm_text, "comm_bytes": comm, "syscall": SYSCALLS.get(sid, f"sid{sid}"),
                      "server": servers[server_key], "qid": question.qid, "qtype": qtype_name(question.qtype),
-                     "name": display_bytes(question.name), "name_bytes": question.name,
+                     "name": names[question.name], "name_bytes": question.name,
                      "truncated": question.truncated})
     return _frame("wire", rows)
 

@@ -79,10 +79,12 @@ def report_command(run_id: str | None, by: str, names: tuple[str, ...], hosts: t
                    json_path: str | None, parquet_path: str | None, html_path: str | None) -> None:
     """Merge every host's capture of RUN (default: the newest run) into one report.
 
-    First the coverage of every host (status, window, lookups, lost events, damage: a host that was not
-    captured is said so, never read as "no lookups"), then one row per host, process, pid and name: lookups,
-    failed, p50/p95 latency (ms, from log2 histograms), first and last time. Names and processes are shown
-    with odd bytes escaped (docs/report.md). Options come after RUN.
+    First the coverage of every host (status, window, lookups, lost events, damage, the sources that ran, blind
+    spots: a host that was not captured is said so, never read as "no lookups"), then one row per host, process,
+    pid and name: lookups, failed, p50/p95 latency (ms, from log2 histograms), first and last time, and the source
+    (libc, wire or both; a wire-only lookup's result and latency are unknown). Then the processes the libc probe
+    cannot see, when the host scans list any. Names and processes are shown with odd bytes escaped
+    (docs/report.md). Options come after RUN.
 
     \b
     Examples:
@@ -90,6 +92,7 @@ def report_command(run_id: str | None, by: str, names: tuple[str, ...], hosts: t
       fleetdns report 20261125T213000Z --csv
       fleetdns report --csv - | column -ts,
       fleetdns report --by name --failed --top 20
+      fleetdns report --by name,source
       fleetdns report --name '*.internal' --host 'web*' --json out.json --html out.html
     """
     from fleet import render, report, store

@@ -323,8 +323,9 @@ def _wire_tables(lookups: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         minutes[list(schemas["minutes"])].astype(schemas["minutes"])
 
 
-def _utc(ns: pd.Series) -> np.ndarray:
-    return pd.to_datetime(ns.to_numpy(dtype=np.int64), unit="ns", utc=True).to_numpy()
+def _utc(ns: pd.Series) -> pd.DatetimeIndex:
+    """UTC epoch ns as timestamps (an index: assigned by position)."""
+    return pd.to_datetime(ns.to_numpy(dtype=np.int64), unit="ns", utc=True)
 
 
 def sourced_tables(capture: capture_format.Capture) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -332,9 +333,9 @@ def sourced_tables(capture: capture_format.Capture) -> tuple[pd.DataFrame, pd.Da
     its wire lookups (summary and minutes only: their latency is unknown). Summary-mode captures are matched per
     key (:func:`_summary_sources`)."""
     if capture.wire.empty:
-        libc = SOURCES.index("libc")
-        return tuple(t.assign(source=_sources(np.full(len(t), libc, dtype=np.int8)))  # type: ignore[return-value]
-                     for t in (capture.summary, capture.histogram, capture.minutes))
+        summary, histogram, minutes = (t.assign(source=_sources(np.full(len(t), SOURCES.index("libc"), dtype=np.int8)))
+                                       for t in (capture.summary, capture.histogram, capture.minutes))
+        return summary, histogram, minutes
     if capture.mode == "summary":
         src, used = _summary_sources(capture.summary, capture.histogram, capture.wire)
         key_cols = ["pid", "uid", "comm_bytes", "function", "name_bytes", "reverse"]
