@@ -459,7 +459,9 @@ def parse_capture(source: bytes | str | os.PathLike[str]) -> Capture:
                     raise ValueError
                 numbers = [int(x) for x in fields[:13]]
                 payload = decode_hex(b"".join(fields[13:]))  # three \xNN fields: one string when joined
-                if len(payload) != min(numbers[10], WIRE_MAX):
+                # int64 columns (addresses and comm halves are u64, read modulo 2^64); the time must fit too
+                if len(payload) != min(numbers[10], WIRE_MAX) or not all(
+                        -2**63 <= n < 2**63 for n in (*numbers[:7], numbers[9], numbers[0] + offset)):
                     raise ValueError
                 wire_rows.append((*numbers, payload))
             else:

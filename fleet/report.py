@@ -391,7 +391,7 @@ def read_scan(run: Run, host: str) -> tuple[dict[str, pd.DataFrame], str | None]
         scan = json.loads(path.read_bytes())
     except FileNotFoundError:
         return empty, "no host scan"
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly nested JSON
         return empty, f"no host scan (unreadable {path.name}: {getattr(e, 'strerror', None) or e})"
     if not isinstance(scan, dict) or scan.get("format") != SCAN_FORMAT:
         return empty, f"no host scan ({path.name} is not a {SCAN_FORMAT} file)"
@@ -808,9 +808,15 @@ def _abs_delta_key(col: pd.Series) -> pd.Series:
 
 # ---------------------------------------------------------------------------------------------- check
 
-#: columns of :attr:`CheckResult.evidence` and :attr:`CheckResult.blind_spots`
-EVIDENCE_COLUMNS = ["host", "pid", "process", "name", "remote", "connections"]
-BLIND_SPOT_COLUMNS = ["host", "pid", "process", "exe", "reason", "detail", "covered"]
+#: the tables :attr:`CheckResult.evidence` and :attr:`CheckResult.blind_spots` (``covered``: the wire source ran on
+#: the host; ``wire_scope``: what it watched there)
+EVIDENCE_SCHEMA = {"host": "category", "pid": "Int64", "process": "string", "name": "string", "remote": "string",
+                   "connections": "Int64"}
+BLIND_SPOT_SCHEMA = {**SCAN_SCHEMAS["blind_spots"], "covered": "boolean", "wire_scope": "string"}
+
+
+def _empty(schema: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in schema.items()})
 
 
 @dataclasses.dataclass
@@ -819,18 +825,17 @@ class CheckResult:
 
     ``offenders``: host, process, pid, name, lookups, last_seen, source of every --absent match. ``missing``: the
     --present globs no host resolved. ``unproven``: coverage rows of the hosts whose capture is not complete.
-    ``evidence``: pre-capture evidence from the host scans (:data:`EVIDENCE_COLUMNS`): connections open at
+    ``evidence``: pre-capture evidence from the host scans (:data:`EVIDENCE_SCHEMA`): connections open at
     capture start to an address a watched --absent name resolved to. ``blind_spots``: the processes the libc
-    probe cannot see (:data:`BLIND_SPOT_COLUMNS`; ``covered``: the wire source ran on that host). ``notes``: one
+    probe cannot see (:data:`BLIND_SPOT_SCHEMA`; ``covered``: the wire source ran on that host). ``notes``: one
     line each — hosts without a scan, globs without a watched name, watched names that did not resolve.
     """
 
     offenders: pd.DataFrame
     missing: list[str]
     unproven: pd.DataFrame
-    evidence: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=EVIDENCE_COLUMNS))
-    blind_spots: pd.DataFrame = dataclasses.field(
-        default_factory=lambda: pd.DataFrame(columns=BLIND_SPOT_COLUMNS))
+    evidence: pd.DataFrame = dataclasses.field(default_factory=lambda: _empty(EVIDENCE_SCHEMA))
+    blind_spots: pd.DataFrame = dataclasses.field(default_factory=lambda: _empty(BLIND_SPOT_SCHEMA))
     notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -856,8 +861,11 @@ class CheckResult:
             kinds = ", ".join(f"{k} {n}" for k, n in rows["reason"].astype(str).value_counts().sort_index().items())
             noun = "process" if len(rows) == 1 else "processes"
             what = f"{host}: {len(rows)} {noun} the libc probe cannot see ({kinds})"
+            scope = rows["wire_scope"].dropna()
+            netns = f" (wire scope {scope.iloc[0]}: processes in other network namespaces are not seen)" \
+                if len(scope) and scope.iloc[0].startswith("netns:") else ""
             out.append(what + (" — covered by the wire source: their UDP/53 queries are seen; /etc/hosts lookups of "
-                               "static binaries are not" if rows["covered"].all()
+                               f"static binaries are not{netns}" if rows["covered"].all()
                                else " and the wire source did not run: absence is unproven there"))
         return out + self.notes
 
@@ -881,17 +889,19 @@ def check(loaded: Loaded, absent: Sequence[str], present: Sequence[str] = ()) ->
                          .reset_index(drop=True), missing, unproven.reset_index(drop=True))
     if absent:
         result.evidence, notes = _evidence(loaded, absent)
-        wire_hosts = set(loaded.coverage.loc[loaded.coverage["sources"].fillna("").str.contains("wire"), "host"])
+        cov = loaded.coverage.set_index("host")
+        host = loaded.blind_spots["host"].astype(str)
         result.blind_spots = loaded.blind_spots.assign(
-            covered=loaded.blind_spots["host"].astype(str).isin(wire_hosts).to_numpy(dtype=bool)
-        )[BLIND_SPOT_COLUMNS].reset_index(drop=True)
+            covered=host.map(cov["sources"].fillna("").str.contains("wire")).fillna(False).to_numpy(dtype=bool),
+            wire_scope=host.map(cov["wire_scope"]).to_numpy(dtype=object),
+        ).astype(BLIND_SPOT_SCHEMA).reset_index(drop=True)
         result.notes = [f"{host}: {note}" for host, note in sorted(loaded.scan_notes.items())] + notes
     return result
 
 
 def _evidence(loaded: Loaded, absent: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
     """Connections open at capture start to an address that a watched name matching an --absent glob resolved to
-    (:data:`EVIDENCE_COLUMNS`), and the note lines: a glob no watched name matches, a watched name that did not
+    (:data:`EVIDENCE_SCHEMA`), and the note lines: a glob no watched name matches, a watched name that did not
     resolve on a host."""
     watch, notes, hits = loaded.watch, [], []
     for glob in absent:
@@ -905,10 +915,10 @@ def _evidence(loaded: Loaded, absent: Sequence[str]) -> tuple[pd.DataFrame, list
             notes.append(f"{r.host}: {r.name} did not resolve at capture start"
                          + ("" if r.error is pd.NA else f" ({r.error})"))
     if not hits:
-        return pd.DataFrame(columns=EVIDENCE_COLUMNS), list(dict.fromkeys(notes))
+        return _empty(EVIDENCE_SCHEMA), list(dict.fromkeys(notes))
     found = (pd.concat(hits).astype({"host": str}).drop_duplicates()
              .merge(loaded.connections.astype({"host": str}), left_on=["host", "address"],
                     right_on=["host", "remote_addr"]))
     evidence = (found.groupby(["host", "pid", "process", "name", "remote"], dropna=False, sort=True).size()
                 .rename("connections").reset_index())
-    return evidence[EVIDENCE_COLUMNS], list(dict.fromkeys(notes))
+    return evidence[list(EVIDENCE_SCHEMA)].astype(EVIDENCE_SCHEMA), list(dict.fromkeys(notes))

@@ -90,7 +90,8 @@ def test_blind_spots_with_the_wire_source_are_covered_and_printed():
             "UDP/53 queries are seen; /etc/hosts lookups of static binaries are not") in proc.stdout
 
 
-@pytest.mark.parametrize("bad", [None, b"{not json", b"[1, 2]", b'{"format": "fleetdns-scan/9"}', b"\xff\xfe"])
+@pytest.mark.parametrize("bad", [None, b"{not json", b"[1, 2]", b'{"format": "fleetdns-scan/9"}', b"\xff\xfe",
+                                 b"[" * 100_000 + b"]" * 100_000])
 def test_a_missing_or_corrupt_scan_is_one_line_never_a_crash(bad):
     scans = full_scans()
     if bad is None:
@@ -151,3 +152,12 @@ def test_present_only_checks_ignore_scans():
     run = run_with(full_scans(connections=[CONN], blind_spots=[GO]))
     result = report.check(report.load(run), [], ["new-db.lab"])
     assert result.verdict == "proven" and result.lines() == []
+
+
+def test_a_wire_source_limited_to_its_network_namespace_says_so():
+    run = run_with({**full_scans(), "lab2": scan("lab2", watch=[OLD_DB], blind_spots=[GO])}, sources=WIRE)
+    entry = run.host_file("lab2")
+    entry.write_bytes(entry.read_bytes().replace(b'"wire_scope": "all"', b'"wire_scope": "netns:4026531840"'))
+    lines = report.check(report.load(run), ["old-db.lab"]).lines()
+    assert any(line.startswith("lab2: 1 process") and line.endswith(
+        "(wire scope netns:4026531840: processes in other network namespaces are not seen)") for line in lines)

@@ -130,10 +130,12 @@ def test_bad_wire_and_bad_records_are_counted_and_dropped():
     wrong_len = " ".join(fields[:11] + ["9"] + fields[12:])  # says 9 bytes were sent, carries 24
     bad_hex = record.replace("\\x6f", "\\xzz", 1)
     cap = CaptureBuilder("h1", sources=WIRE).query(good).query(pointer).query(response)
-    cap.lines += [b"W 1 2 3\n", wrong_len.encode(), bad_hex.encode()]
+    huge_pid = " ".join(fields[:2] + [str(2**63)] + fields[3:])
+    huge_time = " ".join(["W", str(2**63 - 5)] + fields[2:])  # boot_ns + the offset overflows
+    cap.lines += [b"W 1 2 3\n", wrong_len.encode(), bad_hex.encode(), huge_pid.encode(), huge_time.encode()]
     c = cf.parse_capture(cap.bytes())
     assert list(c.wire["name"]) == ["ok.lab"]  # the response is dropped without damage
-    assert c.damage == {"bad_wire": 1, "bad_record": 3}
+    assert c.damage == {"bad_wire": 1, "bad_record": 5}
 
 
 def test_payload_fields_may_be_empty_and_addresses_signed():
