@@ -196,6 +196,12 @@ def test_hostile_wire_names_survive_csv_exactly(tmp_path):
     got = {report.unescape_text(unneutralise(n)): int(c) for n, c in zip(back["name"], back["lookups"], strict=True)}
     assert got == {name: i + 1 for i, name in enumerate(names)}
     assert set(back["source"]) == {"wire"}
+    render.write_json(table, tmp_path / "r.json")
+    records = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert {report.unescape_text(r["name"]) for r in records} == set(names)
+    assert all(r["failed"] is None and r["p95_ms"] is None and r["source"] == "wire" for r in records)
+    render.write_parquet(table, tmp_path / "r.parquet")
+    assert pd.read_parquet(tmp_path / "r.parquet")["source"].tolist() == ["wire"] * len(names)
 
 
 def test_marker_and_name_filters_apply_to_wire_lookups():
@@ -247,6 +253,9 @@ def test_report_command_prints_sources_and_the_blind_spot_section():
     assert proc.returncode == 0, proc.stderr
     assert "libc+wire" in proc.stdout and "no scan" in proc.stdout
     assert "processes the libc probe cannot see" in proc.stdout and "/usr/bin/goapp" in proc.stdout
+    csv_out = fleetdns("report", run.id, "--csv", "-")
+    assert csv_out.stdout.splitlines()[0].endswith(",source")
+    assert "/usr/bin/goapp" in csv_out.stderr and "/usr/bin/goapp" not in csv_out.stdout  # stdout: CSV only
     records = json.loads(fleetdns("report", run.id, "--by", "source", "--json", "-").stdout)
     assert {r["source"]: r["lookups"] for r in records} == {"both": 5, "wire": 5, "libc": 1}
     assert all(list(r)[-1] == "source" for r in records)
