@@ -161,3 +161,17 @@ def test_a_wire_source_limited_to_its_network_namespace_says_so():
     lines = report.check(report.load(run), ["old-db.lab"]).lines()
     assert any(line.startswith("lab2: 1 process") and line.endswith(
         "(wire scope netns:4026531840: processes in other network namespaces are not seen)") for line in lines)
+
+
+def test_a_wire_only_lookup_of_an_absent_name_is_a_violation():
+    from tests.captures import Query, dns_query
+
+    cap = CaptureBuilder("lab1", sources=WIRE).query(Query(dns_query(b"OLD-DB.lab"), comm=b"goapp", pid=77, sid=1))
+    run = make_run({"lab1": ("captured", cap.bytes())}, scans={"lab1": scan("lab1", blind_spots=[GO])})
+    result = report.check(report.load(run), ["old-db.*"])
+    assert result.verdict == "violated"
+    row = result.offenders.iloc[0]
+    assert (row["host"], row["process"], row["pid"], row["name"], row["source"]) == ("lab1", "goapp", 77,
+                                                                                   "OLD-DB.lab", "wire")
+    proc = fleetdns("check", run.id, "--absent", "old-db.*")
+    assert_one_line_error(proc, ExitCode.HOSTS_FAILED, "1 host resolved an --absent name (1 lookup)")
