@@ -59,7 +59,7 @@ READABLE = ("captured", "empty", "partial", "running", "pending")
 SOURCES = ("both", "libc", "wire")
 #: a libc lookup's own queries leave within [start, start + latency + MATCH_SLACK_NS]
 MATCH_SLACK_NS = 1_000_000
-#: unmatched queries of one pid, tid and name less than this apart are one lookup (A+AAAA, a quick retry)
+#: unmatched queries of one pid and name less than this apart are one lookup (A+AAAA, a quick retry)
 WIRE_GAP_NS = 1_000_000_000
 
 KEYS_SCHEMA = {"host": "category", "pid": "Int64", "uid": "Int64", "process": "category",
@@ -282,16 +282,17 @@ def _arpa_address(name: bytes) -> str | None:
 
 def wire_lookups(queries: pd.DataFrame) -> pd.DataFrame:
     """Queries no libc lookup accounts for, as lookups: a query less than :data:`WIRE_GAP_NS` after the previous
-    one of the same pid, tid and name (ASCII case ignored) belongs to the same lookup (an A+AAAA pair, a quick
-    retry). One row per lookup with the wire table's columns of its first query, plus ``queries`` (its count)."""
+    one of the same pid and name (ASCII case ignored) belongs to the same lookup (an A+AAAA pair, a quick
+    retry). Not the thread: Go sends its A and AAAA queries from two threads. One row per lookup with the wire
+    table's columns of its first query, plus ``queries`` (its count)."""
     if queries.empty:
         return queries.assign(queries=pd.Series(dtype="Int64"))
     t = _ns(queries["time"])
-    pid, tid = queries["pid"].to_numpy(dtype=np.int64), queries["tid"].to_numpy(dtype=np.int64)
+    pid = queries["pid"].to_numpy(dtype=np.int64)
     name = pd.factorize(_per_distinct(queries["name_bytes"], bytes.lower))[0]
-    order = np.lexsort((t, name, tid, pid))
-    t, pid, tid, name = t[order], pid[order], tid[order], name[order]
-    same = (pid[1:] == pid[:-1]) & (tid[1:] == tid[:-1]) & (name[1:] == name[:-1]) & (t[1:] - t[:-1] < WIRE_GAP_NS)
+    order = np.lexsort((t, name, pid))
+    t, pid, name = t[order], pid[order], name[order]
+    same = (pid[1:] == pid[:-1]) & (name[1:] == name[:-1]) & (t[1:] - t[:-1] < WIRE_GAP_NS)
     new = np.concatenate([[True], ~same])
     counts = np.bincount(np.cumsum(new) - 1)
     return queries.iloc[order[new]].assign(queries=counts).reset_index(drop=True)
