@@ -4,6 +4,7 @@ Usage (root, bpftrace, gcc; a few minutes)::
 
     .venv/bin/python bench/probe_overhead.py [--seconds 5] [--rounds 3] [--name localhost] [--json out.json]
     .venv/bin/python bench/probe_overhead.py --lab-dns [--seconds 5] [--rounds 3]     # the lab-DNS loop only
+    (--wire-rates 5000 10000 … sets part 3's query rates; needs ip from iproute2)
 
 Part 1, rate ratio: the loop runs ``--seconds`` bare, under bpftrace with the probe's hooks and empty bodies
 (the floor), under the summary-mode probe and under the events-mode probe, interleaved for ``--rounds`` rounds
@@ -11,6 +12,11 @@ Part 1, rate ratio: the loop runs ``--seconds`` bare, under bpftrace with the pr
 the ratio is the median probed rate over the median bare rate of the same run.
 Part 2, events-mode loss: the loop paced at fixed rates, alone in a cgroup the probe filters on, so
 ``recorded + lost`` must equal the loop's own count exactly.
+Part 3, the wire source (``--source both``): part 1's loop under events and summary mode with the wire source
+on as well (``events+wire``, ``summary+wire``: what the wire probes' syscall hooks cost a process that sends no
+query); and its loss: a C sender paced at fixed rates sends DNS queries with ``sendto()`` to 127.0.0.1:53 inside
+a network namespace made for the run (nothing listens; nothing leaves), the probe limited to that namespace, so
+``W records + lost`` must equal the sender's count.
 
 Every lookup runs in a private mount namespace whose nsswitch.conf says ``hosts: files``: no query leaves
 this machine. ``--nsswitch`` keeps the machine's own (use it inside a lab host to loop on a lab-DNS name).
@@ -70,9 +76,43 @@ int main(int argc, char **argv) {
 """
 
 
+SEND_C = r"""
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sys/socket.h>
+/* dns_send SECONDS RATE: sendto() one DNS query for q.fleetdns.test (A) to 127.0.0.1:53 RATE times a second for
+   SECONDS; prints "queries seconds rate" */
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+int main(int argc, char **argv) {
+  static const unsigned char q[] = "\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    "\x01q\x07fleetdns\x04test\x00\x00\x01\x00\x01";
+  double secs = atof(argv[1]), rate = atof(argv[2]), t0 = now(), el = 0;
+  struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons(53) };
+  inet_pton(AF_INET, "127.0.0.1", &to.sin_addr);
+  int s = socket(AF_INET, SOCK_DGRAM, 0);
+  long n = 0;
+  while (el < secs) {
+    for (int i = 0; i < 16; i++, n++) sendto(s, q, sizeof q - 1, 0, (struct sockaddr *)&to, sizeof to);
+    el = now() - t0;
+    if (n / rate > el) {
+      struct timespec d = { 0, (long)((n / rate - el) * 1e9) };
+      nanosleep(&d, NULL);
+      el = now() - t0;
+    }
+  }
+  printf("%ld %.6f %.1f\n", n, el, n / el);
+  return 0;
+}
+"""
+
+
 def build(tmp: Path) -> str:
-    (tmp / "gai_bench.c").write_text(LOOP_C)
-    subprocess.run(["gcc", "-O2", "-o", str(tmp / "gai_bench"), str(tmp / "gai_bench.c")], check=True)
+    for name, source in (("gai_bench", LOOP_C), ("dns_send", SEND_C)):
+        (tmp / f"{name}.c").write_text(source)
+        subprocess.run(["gcc", "-O2", "-o", str(tmp / name), str(tmp / f"{name}.c")], check=True)
     return str(tmp / "gai_bench")
 
 
@@ -138,7 +178,7 @@ class HooksOnly:
 
 def rate_ratio(args, tmp: Path, bench: str) -> list[dict]:
     cmd = [*prefix(tmp, args.nsswitch), bench]
-    configs = ["bare", "hooks-only", "summary", "events"]
+    configs = ["bare", "hooks-only", "summary", "events", "summary+wire", "events+wire"]
     rates: dict[str, list[float]] = {c: [] for c in configs}
     lost: dict[str, int] = {c: 0 for c in configs}
     for r in range(args.rounds):
@@ -147,7 +187,9 @@ def rate_ratio(args, tmp: Path, bench: str) -> list[dict]:
             if config == "hooks-only":
                 probe = HooksOnly()
             elif config != "bare":
-                probe = Running(render.ProbeOptions(mode=config), tmp / f"{config}-{r}.capture")
+                mode, _, wire = config.partition("+")
+                probe = Running(render.ProbeOptions(mode=mode, sources=("libc", "wire") if wire else ("libc",)),
+                                tmp / f"{config}-{r}.capture")
             _count, per_s = loop(cmd, args.name, args.seconds)
             if isinstance(probe, Running):
                 lost[config] += probe.finish().lost
@@ -226,12 +268,38 @@ def events_loss(args, tmp: Path, bench: str) -> list[dict]:
     return rows
 
 
+def wire_loss(args, tmp: Path) -> list[dict]:
+    """The wire source at paced query rates: W records + lost against the sender's own count."""
+    ns = f"fdnsbench{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    rows = []
+    try:
+        subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+        inode = os.stat(f"/run/netns/{ns}").st_ino
+        for rate in args.wire_rates:
+            path = tmp / f"wire-{rate}.capture"
+            probe = Running(render.ProbeOptions(mode="events", sources=("libc", "wire"), wire_netns=inode), path)
+            out = subprocess.run(["ip", "netns", "exec", ns, str(tmp / "dns_send"), str(args.seconds), str(rate)],
+                                 capture_output=True, text=True, check=True)
+            cap = probe.finish()
+            count, _elapsed, per_s = out.stdout.split()
+            with open(path, "rb") as f:
+                recorded = sum(line.startswith(b"W ") for line in f)
+            rows.append({"target_rate": rate, "achieved_rate": round(float(per_s)), "queries": int(count),
+                         "recorded": recorded, "lost": cap.lost, "exact": recorded + cap.lost == int(count)})
+            print(f"wire at {rate}/s: {rows[-1]}", file=sys.stderr)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seconds", type=float, default=5)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--name", default="localhost")
     p.add_argument("--rates", type=int, nargs="*", default=[10_000, 25_000, 50_000, 100_000])
+    p.add_argument("--wire-rates", type=int, nargs="*", default=[5_000, 10_000, 20_000, 40_000])
     p.add_argument("--nsswitch", action="store_true", help="keep this machine's nsswitch.conf (lab hosts)")
     p.add_argument("--lab-dns", action="store_true", help="only the lab-DNS loop (brings up a one-host lab)")
     p.add_argument("--json", default=None)
@@ -246,6 +314,7 @@ def main() -> int:
         else:
             result["rate_ratio"] = rate_ratio(args, tmp, bench)
             result["events_loss"] = events_loss(args, tmp, bench)
+            result["wire_loss"] = wire_loss(args, tmp)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

@@ -9,8 +9,9 @@ API::
     stop(run, fleet) -> None                                  # asks every running host to end now
 
 ``options`` (also the manifest's ``options``): ``backend``, ``mode``, ``duration_s``, ``names``, ``max_bytes``,
-``label``, ``watch`` (names each host's scan resolves: docs/scan.md). The host side is fleet/hostrun.py;
-statuses are those of fleet/store.py.
+``label``, ``source`` (libc|wire|both; None: the host's default), ``wire_scope`` (auto|all|netns), ``watch``
+(names each host's scan resolves: docs/scan.md). The host side is fleet/hostrun.py; statuses are those of
+fleet/store.py.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def _start_argv(run: Run, options: dict[str, Any]) -> list[str]:
             "--backend", options["backend"], "--mode", options["mode"]]
     argv += [f"--names={n}" for n in options.get("names") or ()]
     argv += [f"--watch={n}" for n in options.get("watch") or ()]
+    if options.get("source"):
+        argv.append(f"--source={options['source']}")
+    if options.get("wire_scope"):
+        argv.append(f"--wire-scope={options['wire_scope']}")
     if options.get("max_bytes"):
         argv.append(f"--max-bytes={options['max_bytes']}")
     return argv

@@ -10,6 +10,8 @@ A capture is UTF-8-safe ASCII text, one record a line, the record type first::
     X|A|Z|F|M <pid> <uid> <fid> <namekey> <comm0> <comm1> …   summary rows (histogram, first, last,
                                                   failures, minutes)
     L <count>                                     the backend reported this many lost events here
+    W <boot_ns> <pid> <tid> <uid> <sid> <fd> <af> <addr0> <addr1> <port> <len> <comm0> <comm1> <b0> <b1> <b2>
+                                                  one DNS query packet a process sent to UDP port 53
     T {json trailer}
 
 ``<bytes>`` is ``\\xNN`` per byte, nothing else: any byte survives. ``<comm0> <comm1>`` are comm's bytes 0-7
@@ -27,6 +29,8 @@ column→dtype map per table in :data:`SCHEMAS`, applied at read time:
   same table computed from their events, so the two modes compare directly).
 * ``histogram``: per key, ``bucket`` = floor(log2(latency_ns)) and its ``count``.
 * ``minutes``: per key, the wall-clock ``minute`` (UTC, start) and its ``count``.
+* ``wire``: one row per DNS query packet (``W`` records, both modes), its question decoded by
+  :func:`decode_query`.
 
 Strict about the format version (a wrong or missing header raises :class:`~fleet.errors.InputError`), lenient
 about damage: a truncated last line, garbage, an unknown record type are counted in ``Capture.damage`` and
@@ -42,7 +46,8 @@ import ipaddress
 import json
 import os
 import re
-from typing import TYPE_CHECKING, Any
+import struct
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fleet.errors import InputError
 
@@ -65,6 +70,12 @@ _EAI = {0: "OK", -1: "EAI_BADFLAGS", -2: "EAI_NONAME", -3: "EAI_AGAIN", -4: "EAI
         -102: "EAI_NOTCANCELED", -103: "EAI_ALLDONE", -104: "EAI_INTR", -105: "EAI_IDN_ENCODE"}
 _HERRNO = {1: "HOST_NOT_FOUND", 2: "TRY_AGAIN", 3: "NO_RECOVERY", 4: "NO_DATA", -1: "NETDB_INTERNAL"}
 _HEX_RE = re.compile(rb"(?:\\x[0-9a-f]{2})*")
+
+#: W records: the payload bytes a record carries at most, the sending syscalls and the question types named
+WIRE_MAX = 272
+SYSCALLS = {1: "write", 2: "sendto", 3: "sendmsg", 4: "sendmmsg"}
+QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV", 64: "SVCB",
+          65: "HTTPS", 255: "ANY"}
 
 
 # ---------------------------------------------------------------------------------------------- write side
@@ -143,6 +154,70 @@ def reverse_name(af: int, addr: bytes) -> str:
     return f"af{af}:{addr.hex()}"
 
 
+class Question(NamedTuple):
+    """The first question of a DNS query packet.
+
+    ``qid``: the message id; ``name``: the labels' exact bytes joined with ``.`` (no trailing dot; the root is
+    ``b""``); ``qtype``: the question type, None when the payload ends before it; ``truncated``: the payload was
+    cut inside the name, so ``name`` holds only its first labels (the last one possibly partial)."""
+
+    qid: int
+    name: bytes
+    qtype: int | None
+    truncated: bool
+
+
+def decode_query(payload: bytes, sent: int | None = None) -> Question | None:
+    """The question of a DNS query packet (the first ``min(sent, WIRE_MAX)`` bytes a process sent to port 53).
+
+    ``sent`` is the length the process sent (a W record's ``len``): a payload shorter than that was cut, and a
+    name running past its end is kept, flagged ``truncated``. Without ``sent`` a payload of ``WIRE_MAX`` bytes
+    counts as cut. Returns None for a packet that asks nothing (a response: QR bit set; no question). Raises
+    ValueError for one that cannot be decoded: shorter than the 12-byte header, a compression pointer or a
+    reserved label type (length byte ≥ 0x40) in the question name, or a question that ends early without a cut.
+    """
+    if len(payload) < 12:
+        raise ValueError("shorter than a DNS header")
+    qid, flags, qdcount = struct.unpack_from("!HHH", payload)
+    if flags & 0x8000 or qdcount == 0:
+        return None
+    cut = len(payload) < sent if sent is not None else len(payload) >= WIRE_MAX
+    labels: list[bytes] = []
+    pos = 12
+    while pos < len(payload) and payload[pos]:
+        length = payload[pos]
+        if length >= 0x40:
+            raise ValueError(f"label length byte {length:#04x} (compression pointer or reserved type)")
+        labels.append(payload[pos + 1:pos + 1 + length])
+        pos += 1 + length
+    name = b".".join(labels)
+    if pos >= len(payload):  # no terminating zero byte: the name runs past the end
+        if not cut:
+            raise ValueError("the question name has no end")
+        return Question(qid, name, None, True)
+    pos += 1
+    if pos + 4 > len(payload):
+        if not cut:
+            raise ValueError("the question has no type and class")
+        qtype = struct.unpack_from("!H", payload, pos)[0] if pos + 2 <= len(payload) else None
+        return Question(qid, name, qtype, False)
+    return Question(qid, name, struct.unpack_from("!H", payload, pos)[0], False)
+
+
+def qtype_name(qtype: int | None) -> str | None:
+    """``A``, ``AAAA``, ``PTR``… (:data:`QTYPES`), else ``TYPE<n>`` (RFC 3597); None stays None."""
+    return None if qtype is None else QTYPES.get(qtype, f"TYPE{qtype}")
+
+
+def wire_server(af: int, addr0: int, addr1: int, port: int) -> str | None:
+    """A W record's destination as ``10.213.0.2:53`` or ``[::1]:53``; None for an unknown family."""
+    if af == 2:
+        return f"{ipaddress.IPv4Address(struct.pack('<I', addr0 % 2**32))}:{port}"
+    if af == 10:
+        return f"[{ipaddress.IPv6Address(struct.pack('<QQ', addr0 % 2**64, addr1 % 2**64))}]:{port}"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- read side
 
 _KEY = {"host": "category", "pid": "Int64", "uid": "Int64", "comm": "category", "comm_bytes": "object",
@@ -160,12 +235,16 @@ SCHEMAS: dict[str, dict[str, str]] = {
                 "last_time": "datetime64[ns, UTC]"},
     "histogram": {**_KEY, "bucket": "Int8", "count": "Int64"},
     "minutes": {**_KEY, "minute": "datetime64[ns, UTC]", "count": "Int64"},
+    "wire": {"time": "datetime64[ns, UTC]", "host": "category", "pid": "Int64", "tid": "Int64", "uid": "Int64",
+             "comm": "category", "comm_bytes": "object", "syscall": "category", "server": "string",
+             "qid": "Int64", "qtype": "category", "name": "category", "name_bytes": "object",
+             "truncated": "boolean"},
 }
 
 
 @dataclasses.dataclass
 class Capture:
-    """A parsed capture: header and trailer (dicts; trailer None when missing), the four tables, the
+    """A parsed capture: header and trailer (dicts; trailer None when missing), the five tables, the
     backend's lost-event count (``L`` records, or the trailer's when larger) and damage counts by kind."""
 
     header: dict[str, Any]
@@ -174,12 +253,27 @@ class Capture:
     summary: pd.DataFrame
     histogram: pd.DataFrame
     minutes: pd.DataFrame
+    wire: pd.DataFrame
     lost: int
     damage: dict[str, int]
 
     @property
     def mode(self) -> str:
         return self.header.get("mode", "events")
+
+    @property
+    def sources(self) -> list[str]:
+        """The header's ``sources`` (``libc``, ``wire``); ``["libc"]`` when absent or not a list of names."""
+        value = self.header.get("sources")
+        if isinstance(value, list) and value and all(v in ("libc", "wire") for v in value):
+            return list(value)
+        return ["libc"]
+
+    @property
+    def wire_scope(self) -> str | None:
+        """The header's ``wire_scope``: ``all``, ``netns:<inode>``, or None (the wire source was off)."""
+        value = self.header.get("wire_scope")
+        return value if isinstance(value, str) and "wire" in self.sources else None
 
 
 def _frame(table: str, rows: list[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
@@ -273,8 +367,8 @@ def parse_capture(source: bytes | str | os.PathLike[str]) -> Capture:
 
     Raises InputError for an unreadable file, a missing header or another format version; every other
     problem is counted in ``damage``: ``truncated_line`` (last line without newline), ``bad_record``
-    (a known type with wrong fields), ``unknown_record`` (a type this version does not know), ``wire_record``
-    (reserved ``W`` records, read by a later version), ``missing_name`` (a name key without N record: its
+    (a known type with wrong fields), ``unknown_record`` (a type this version does not know), ``bad_wire``
+    (a W record whose payload is no decodable DNS query), ``missing_name`` (a name key without N record: its
     ``name`` is ``<name KEY>``), ``incomplete_name``, ``no_trailer``, ``after_trailer``,
     ``row_outside_snapshot``, ``incomplete_snapshot`` (summary: a dump was cut; the last complete one is used).
     """
@@ -319,6 +413,7 @@ def parse_capture(source: bytes | str | os.PathLike[str]) -> Capture:
     snapshots: list[tuple[str, list[list[Any]]]] = []
     cut_snapshot = False
     minute_rows: list[list[Any]] = []
+    wire_rows: list[tuple[Any, ...]] = []
 
     for line in lines:
         kind, _, rest = line.partition(b" ")
@@ -360,7 +455,15 @@ def parse_capture(source: bytes | str | os.PathLike[str]) -> Capture:
             elif kind == b"B":
                 int(fields[0])
             elif kind == b"W":
-                damage["wire_record"] += 1
+                if len(fields) != 16:
+                    raise ValueError
+                numbers = [int(x) for x in fields[:13]]
+                payload = decode_hex(b"".join(fields[13:]))  # three \xNN fields: one string when joined
+                # int64 columns (addresses and comm halves are u64, read modulo 2^64); the time must fit too
+                if len(payload) != min(numbers[10], WIRE_MAX) or not all(
+                        -2**63 <= n < 2**63 for n in (*numbers[:7], numbers[9], numbers[0] + offset)):
+                    raise ValueError
+                wire_rows.append((*numbers, payload))
             else:
                 damage["unknown_record"] += 1
         except (ValueError, UnicodeDecodeError):
@@ -379,7 +482,10 @@ def parse_capture(source: bytes | str | os.PathLike[str]) -> Capture:
         summary_df, hist_df, minutes_df = _summary_tables(host, snapshots, minute_rows, name_cols, offset)
     else:
         summary_df, hist_df, minutes_df = summarize_events(events_df)
-    return Capture(header, trailer, events_df, summary_df, hist_df, minutes_df, lost,
+    filters = header.get("filters")
+    globs = filters.get("names") if isinstance(filters, dict) else None
+    wire_df = _wire_frame(host, offset, wire_rows, damage, globs if isinstance(globs, list) else [])
+    return Capture(header, trailer, events_df, summary_df, hist_df, minutes_df, wire_df, lost,
                    {k: v for k, v in damage.items() if v})
 
 
@@ -419,6 +525,45 @@ def _summary_tables(host, snapshots, minute_rows, name_cols, offset):
         minutes[tuple(row[:7])] += row[7]
     minute_out = [{**key_cols(*k[:6]), "minute": k[6] * 60_000_000_000, "count": c} for k, c in minutes.items()]
     return _frame("summary", summary_rows), _frame("histogram", hist_rows), _frame("minutes", minute_out)
+
+
+def _wire_frame(host: str | None, offset: int, records: list[tuple[Any, ...]], damage: collections.Counter[str],
+                globs: list[str]) -> pd.DataFrame:
+    """The wire table from W records' fields (one row per query packet): responses and packets without a
+    question are left out, undecodable payloads counted as ``bad_wire``, names outside the header's name globs
+    left out (the probe filters libc names in the kernel; its wire side cannot). Comms, servers and display names
+    are decoded once per distinct value."""
+    from fleet.probes.render import name_matches
+
+    rows = []
+    comms: dict[tuple[int, int], tuple[bytes, str]] = {}
+    names: dict[bytes, str | None] = {}
+    servers: dict[tuple[int, int, int, int], str | None] = {}
+    for boot_ns, pid, tid, uid, sid, _fd, af, addr0, addr1, port, sent, c0, c1, payload in records:
+        try:
+            question = decode_query(payload, sent)
+        except ValueError:
+            damage["bad_wire"] += 1
+            continue
+        if question is None:
+            continue
+        if question.name not in names:  # display text, or None when the name globs leave the name out
+            names[question.name] = display_bytes(question.name) if name_matches(question.name, globs) else None
+        if names[question.name] is None:
+            continue
+        if (c0, c1) not in comms:
+            raw = comm_bytes(c0, c1)
+            comms[c0, c1] = (raw, display_bytes(raw))
+        comm, comm_text = comms[c0, c1]
+        server_key = (af, addr0, addr1, port)
+        if server_key not in servers:
+            servers[server_key] = wire_server(*server_key)
+        rows.append({"time": boot_ns + offset, "host": host, "pid": pid, "tid": tid, "uid": uid,
+                     "comm": comm_text, "comm_bytes": comm, "syscall": SYSCALLS.get(sid, f"sid{sid}"),
+                     "server": servers[server_key], "qid": question.qid, "qtype": qtype_name(question.qtype),
+                     "name": names[question.name], "name_bytes": question.name,
+                     "truncated": question.truncated})
+    return _frame("wire", rows)
 
 
 _E_COLUMNS = ["t0", "pid", "tid", "uid", "fid", "rc", "herr", "latency_ns", "namekey", "comm0", "comm1"]

@@ -57,7 +57,7 @@ TERMINAL_ROWS = 50
 
 def _by_option(default: str):
     return click.option("--by", "by", metavar="KEYS", default=default, show_default=True,
-                        help="Group by these comma-separated keys: host, process, pid, name, function.")
+                        help="Group by these comma-separated keys: host, process, pid, name, function, source.")
 
 
 @cli.command("report", context_settings=CONTEXT)
@@ -79,10 +79,12 @@ def report_command(run_id: str | None, by: str, names: tuple[str, ...], hosts: t
                    json_path: str | None, parquet_path: str | None, html_path: str | None) -> None:
     """Merge every host's capture of RUN (default: the newest run) into one report.
 
-    First the coverage of every host (status, window, lookups, lost events, damage: a host that was not
-    captured is said so, never read as "no lookups"), then one row per host, process, pid and name: lookups,
-    failed, p50/p95 latency (ms, from log2 histograms), first and last time. Names and processes are shown
-    with odd bytes escaped (docs/report.md). Options come after RUN.
+    First the coverage of every host (status, window, lookups, lost events, damage, the sources that ran, blind
+    spots: a host that was not captured is said so, never read as "no lookups"), then one row per host, process,
+    pid and name: lookups, failed, p50/p95 latency (ms, from log2 histograms), first and last time, and the source
+    (libc, wire or both; a wire-only lookup's result and latency are unknown). Then the processes the libc probe
+    cannot see, when the host scans list any. Names and processes are shown with odd bytes escaped
+    (docs/report.md). Options come after RUN.
 
     \b
     Examples:
@@ -90,6 +92,7 @@ def report_command(run_id: str | None, by: str, names: tuple[str, ...], hosts: t
       fleetdns report 20261125T213000Z --csv
       fleetdns report --csv - | column -ts,
       fleetdns report --by name --failed --top 20
+      fleetdns report --by name,source
       fleetdns report --name '*.internal' --host 'web*' --json out.json --html out.html
     """
     from fleet import render, report, store
@@ -116,7 +119,8 @@ def report_command(run_id: str | None, by: str, names: tuple[str, ...], hosts: t
     if html_path:
         by_name = report.aggregate(loaded, ["name"], filters)
         render.write_html(html_path, run_id=run.id, coverage=coverage, table=table, by_name=by_name,
-                          minutes=filters.apply(loaded.minutes), histogram=filters.apply(loaded.histogram))
+                          minutes=filters.apply(loaded.minutes), histogram=filters.apply(loaded.histogram),
+                          blind_spots=loaded.blind_spots)
         written.append(html_path)
     console = err if to_stdout else out
     if not to_stdout:
@@ -125,6 +129,10 @@ def report_command(run_id: str | None, by: str, names: tuple[str, ...], hosts: t
                             render.rich_table(shown, f"DNS lookups, run {run.id}"))
         if len(table) > len(shown):
             err.print(f"{len(table) - len(shown)} more rows (--top N, --csv or --json for all)", markup=False)
+    if len(loaded.blind_spots):
+        render.print_tables(console, render.rich_table(
+            loaded.blind_spots[["host", "pid", "process", "exe", "reason"]],
+            "processes the libc probe cannot see (host scan at capture start; the wire source sees their queries)"))
     for path in written:
         err.print(f"wrote {path}", markup=False)
     _warn_incomplete(coverage)
@@ -194,7 +202,9 @@ def check_command(run_id: str | None, absent: tuple[str, ...], present: tuple[st
     glob was resolved somewhere. Exit 1 when violated: the offending host, process, pid, count and last time are
     listed (or the --present globs nobody resolved). Exit 6 when it cannot be proven: nothing wrong was seen, but
     some hosts were not completely captured (failed, unreachable, partial, lost events), so absence is unknown
-    there. Globs match names in any case.
+    there; or the host scan taken at capture start shows a connection to an address a watched --absent name
+    resolved to (capture --watch NAME), or processes the libc probe cannot see (static, Go, musl, another libc)
+    on a host without the wire source. Globs match names in any case.
 
     \b
     Examples:
@@ -209,6 +219,11 @@ def check_command(run_id: str | None, absent: tuple[str, ...], present: tuple[st
         out.print(render.rich_table(result.offenders, f"hosts still resolving an --absent name, run {loaded.run.id}"))
     if len(result.unproven):
         out.print(render.coverage_table(result.unproven, "hosts not completely captured: absence unknown there"))
+    if len(result.blind_spots):
+        out.print(render.rich_table(result.blind_spots[["host", "pid", "process", "exe", "reason"]],
+                                    "processes the libc probe cannot see (host scan at capture start)"))
+    for line in result.lines():
+        out.print(line, markup=False)
     verdict = result.verdict
     if verdict == "violated":
         what = []
@@ -220,10 +235,16 @@ def check_command(run_id: str | None, absent: tuple[str, ...], present: tuple[st
             what.append("no host resolved " + ", ".join(result.missing))
         raise CheckViolated("; ".join(what))
     if verdict == "unproven":
-        hosts = ", ".join(result.unproven["host"])
+        why = []
+        if len(result.unproven):
+            why.append(f"{len(result.unproven)} hosts not completely captured ({', '.join(result.unproven['host'])})")
+        if len(result.evidence):
+            why.append("pre-capture evidence on " + ", ".join(sorted(set(result.evidence["host"].astype(str)))))
+        if result.uncovered_hosts:
+            why.append("processes the libc probe cannot see, without the wire source, on "
+                       + ", ".join(result.uncovered_hosts))
         missing = f"; not seen: {', '.join(result.missing)}" if result.missing else ""
-        raise CheckUnproven(f"cannot prove it: {len(result.unproven)} hosts not completely captured ({hosts})"
-                            f"{missing}")
+        raise CheckUnproven(f"cannot prove it: {'; '.join(why)}{missing}")
     out.print(f"proven: {len(loaded.coverage)} hosts completely captured, no --absent name resolved"
               + (", every --present name seen" if present else ""), markup=False)
 
@@ -243,13 +264,19 @@ def check_command(run_id: str | None, absent: tuple[str, ...], present: tuple[st
 @click.option("--names", multiple=True, metavar="GLOB", help="Only names matching this glob (repeatable).")
 @click.option("--watch", multiple=True, metavar="NAME",
               help="Resolve NAME on each host at the start, for pre-capture evidence (repeatable; docs/scan.md).")
+@click.option("--source", type=click.Choice(["libc", "wire", "both"]), default=None,
+              help="libc: the resolver functions; wire: DNS queries sent to UDP port 53 (bpftrace); "
+              "default: both with bpftrace, libc with stap.")
+@click.option("--wire-scope", type=click.Choice(["auto", "all", "netns"]), default="auto", show_default=True,
+              help="The wire source's network namespaces: all (containers too), netns (the probe's own); "
+              "auto: netns when the probe runs inside a container or lab host, else all.")
 @click.option("--label", metavar="TEXT", help="A note kept in the run's manifest (e.g. a change ticket).")
 @click.option("--max-bytes", metavar="SIZE", help="Cap each host's capture file (e.g. 500M); the host stops there.")
 @click.option("--detach", is_flag=True, help="Return once every reachable host records; gather later.")
 @click.option("--keep-remote", is_flag=True, help="Keep the hosts' copies after a verified gather.")
 @click.option("--compress", is_flag=True, help="Store the gathered files gzip'd (raw/HOST.capture.gz).")
-def capture_command(inventory_path, duration, limit, backend, mode, names, watch, label, max_bytes, detach,
-                    keep_remote, compress) -> None:
+def capture_command(inventory_path, duration, limit, backend, mode, names, watch, source, wire_scope, label,
+                    max_bytes, detach, keep_remote, compress) -> None:
     """Record DNS lookups on every host at once, for a fixed duration, then gather the captures.
 
     The run id (UTC start time) is the first line on stdout. Each host records in the background under its own
@@ -278,7 +305,8 @@ def capture_command(inventory_path, duration, limit, backend, mode, names, watch
         raise UsageError("no inventory: pass -i INVENTORY or run 'fleetdns deploy INVENTORY' first")
     hosts = inventory.load(source, limit)
     options = {"backend": backend, "mode": mode, "duration_s": seconds, "names": list(names), "max_bytes": cap,
-               "label": label, "cgroup": None, "interval_s": None}
+               "label": label, "cgroup": None, "interval_s": None,
+               "source": source, "wire_scope": wire_scope}
     options["watch"] = list(dict.fromkeys(watch))
     run = capture.new(str(Path(source).resolve()), limit, hosts, options, ["fleetdns", *sys.argv[1:]])
     out.print(run.id)
@@ -472,6 +500,12 @@ def deploy_command(inventory_path: str, limit: str | None, check: bool, backend:
 @click.option("--binary", "binaries", metavar="PATH", multiple=True,
               help="Also hook this program (a static binary carrying its own resolver; repeatable).")
 @click.option("--cgroup", metavar="PATH", help="Only processes in this cgroup v2 directory (bpftrace).")
+@click.option("--source", type=click.Choice(["libc", "wire", "both"]), default=None,
+              help="libc: the resolver functions (uprobes); wire: DNS queries sent to UDP port 53 (syscall "
+              "tracepoints, bpftrace; sees dig, Go, static binaries). Default: both with bpftrace, libc with stap.")
+@click.option("--wire-scope", type=click.Choice(["auto", "all", "netns"]), default="auto", show_default=True,
+              help="The wire source's network namespaces: all, or netns (this one); auto: netns inside a "
+              "container, else all.")
 @click.option("--interval", metavar="D", default="60s", show_default=True,
               help="Summary mode: print the in-kernel counts this often.")
 @click.option("--stap-runtime", type=click.Choice(["module", "bpf"]), default=None,
@@ -479,7 +513,7 @@ def deploy_command(inventory_path: str, limit: str | None, check: bool, backend:
               "kernel's build tree is real, else bpf.")
 def probe_command(backend: str, mode: str, duration: str | None, output: str | None, table: bool,
                   names: tuple[str, ...], libc: str | None, binaries: tuple[str, ...], cgroup: str | None,
-                  interval: str, stap_runtime: str | None) -> None:
+                  source: str | None, wire_scope: str, interval: str, stap_runtime: str | None) -> None:
     """Record DNS lookups on THIS machine: which process resolves which name (root).
 
     The single-host probe, and the same code the fleet's hosts run. Ctrl-C (or --duration running out) ends
@@ -492,6 +526,7 @@ def probe_command(backend: str, mode: str, duration: str | None, output: str | N
       fleetdns probe --duration 10m --output dns.capture
       fleetdns probe --mode summary --duration 1h --names '*.corp.example' -o busy.capture
       fleetdns probe --backend stap --table --names 'old-db.*'
+      fleetdns probe --source wire --duration 1m -o wire.capture
     """
     from rich.live import Live
 
@@ -504,7 +539,9 @@ def probe_command(backend: str, mode: str, duration: str | None, output: str | N
     if table and mode != "events":
         raise UsageError("--table shows single lookups: use it with --mode events")
     opts = render.ProbeOptions(backend=backend, mode=mode, libc=libc, binaries=binaries, names=names,
-                               cgroup=cgroup, interval=max(1, round(every)), stap_runtime=stap_runtime)
+                               cgroup=cgroup, interval=max(1, round(every)), stap_runtime=stap_runtime,
+                               sources=render.resolve_sources(source, backend),
+                               wire_netns=render.wire_netns(wire_scope))
     if output is None:
         output = os.devnull if table else "-"
     view = LookupTable() if table else None

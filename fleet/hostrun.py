@@ -3,6 +3,7 @@
 Deployed in the host zip and run as ``fleetdns-probe run ACTION RUN …`` (standard library only)::
 
     run start  RUN --duration S [--backend auto|bpftrace|stap] [--mode events|summary] [--names GLOB]…
+                   [--source libc|wire|both] [--wire-scope auto|all|netns]
                    [--max-bytes N] [--start-timeout S]     # exit 0 once recording, 1 if it could not start
                    [--watch NAME]…                         # names the host scan resolves (docs/scan.md)
     run status RUN                                         # status.json (a dead recorder shows as "killed")
@@ -23,7 +24,8 @@ Every action prints the run's status as one JSON object on stdout. Files, under 
 ``status.json``::
 
     {"run", "state": "starting"|"attaching"|"recording"|"finished"|"failed"|"killed", "pid", "backend", "mode",
-     "libc", "marker": "127.x.y.z", "selftest": bool, "attached": bool, "records", "events", "lost",
+     "libc", "marker": "127.x.y.z", "selftest": bool, "attached": bool, "sources", "records", "events",
+     "wire" (W records: queries seen on the wire), "lost",
      "dropped", "bytes", "max_bytes", "capped": bool, "duration_s", "started", "attached_at", "deadline",
      "ended" (ISO-8601 UTC or null), "stop_reason": "duration"|"stopped"|"max-bytes"|"signal"|
      "backend-exit"|"killed"|null, "exit_status", "error", "sha256" (final states only)}
@@ -93,7 +95,7 @@ class _CountingWriter:
 
     def __init__(self, f: IO[bytes], max_bytes: int | None, on_cap) -> None:
         self.f, self.max_bytes, self.on_cap = f, max_bytes, on_cap
-        self.bytes = self.records = self.events = self.lost = self.dropped = 0
+        self.bytes = self.records = self.events = self.wire = self.lost = self.dropped = 0
         self.lock = threading.Lock()
 
     def write(self, data: bytes) -> int:
@@ -109,6 +111,8 @@ class _CountingWriter:
                 self.records += 1
                 if kind == b"E":
                     self.events += 1
+                elif kind == b"W":
+                    self.wire += 1
                 elif kind == b"L":
                     self.lost += int(data.split()[1])
             self._put(data)
@@ -137,7 +141,7 @@ class Recorder:
         self.status: dict[str, Any] = {
             "run": run_dir.name, "state": "attaching", "pid": os.getpid(), "backend": opts.backend,
             "mode": opts.mode, "libc": opts.libc, "marker": self.marker, "selftest": False, "attached": False,
-            "records": 0, "events": 0, "lost": 0, "dropped": 0, "bytes": 0, "max_bytes": max_bytes,
+            "sources": list(opts.sources), "records": 0, "events": 0, "wire": 0, "lost": 0, "dropped": 0, "bytes": 0, "max_bytes": max_bytes,
             "capped": False, "duration_s": duration, "started": _now(), "attached_at": None, "deadline": None,
             "ended": None, "stop_reason": None, "exit_status": None, "error": None, "sha256": None}
         self.max_bytes = max_bytes
@@ -150,7 +154,8 @@ class Recorder:
     def _on_attach(self) -> None:
         now = time.time()
         self.status.update(attached=True, attached_at=_iso(now), deadline=_iso(now + self.duration))
-        if self.opts.mode == "summary":  # the self-test only shows in the dumps
+        if self.opts.mode == "summary" or "libc" not in self.opts.sources:
+            # the self-test only shows in the dumps, or (wire source alone) not at all: it sends no packet
             self.status["state"] = "recording"
         child = subprocess.Popen([sys.executable, "-c", LOOKUP, self.marker])
         threading.Thread(target=child.wait, daemon=True).start()
@@ -166,7 +171,7 @@ class Recorder:
             w.flush()
             # summary mode has no per-lookup records to count: its lookups are in the dumps (events: null)
             events = max(0, w.events - self.marker_hits) if self.opts.mode == "events" else None
-            self.status.update(records=w.records, events=events, lost=w.lost + w.dropped, dropped=w.dropped,
+            self.status.update(records=w.records, events=events, wire=w.wire, lost=w.lost + w.dropped, dropped=w.dropped,
                                bytes=w.bytes, capped=w.dropped > 0)
         write_json_atomic(self.dir / "status.json", self.status)
 
@@ -176,7 +181,7 @@ class Recorder:
             if (self.dir / "stop").exists():
                 self._request_stop("stopped")
             attached_at = self.status["attached_at"]
-            if (attached_at and not self.status["selftest"] and self.opts.mode == "events"
+            if (attached_at and not self.status["selftest"] and self.status["state"] != "recording"
                     and time.time() - datetime.datetime.fromisoformat(attached_at).timestamp() > SELFTEST_TIMEOUT):
                 self.status["error"] = f"the probe attached but never saw its self-test lookup of {self.marker}"
                 self._request_stop("selftest")
@@ -269,7 +274,9 @@ def start(base: Path, run_id: str, args: argparse.Namespace) -> tuple[dict[str, 
     limit = int(args.duration) + ATTACH_SLACK + 30
     command = [shutil.which("timeout") or "timeout", "-k", "15", str(limit), sys.executable, "-m", "fleet.hostrun",
                "record", run_id, "--dir", str(base), "--duration", str(args.duration), "--backend", backend,
-               "--mode", args.mode, *(f"--names={n}" for n in args.names)]
+               "--mode", args.mode, f"--wire-scope={args.wire_scope}", *(f"--names={n}" for n in args.names)]
+    if args.source:
+        command.append(f"--source={args.source}")
     if info.get("libc"):
         command.append(f"--libc={info['libc']}")
     if args.max_bytes:
@@ -320,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=("auto", *render.BACKENDS), default="auto")
     p.add_argument("--mode", choices=render.MODES, default="events")
     p.add_argument("--names", action="append", default=[])
+    p.add_argument("--source", choices=render.SOURCE_CHOICES, default=None)
+    p.add_argument("--wire-scope", choices=render.WIRE_SCOPES, default="auto")
     p.add_argument("--libc", default=None)
     p.add_argument("--max-bytes", type=int, default=None)
     p.add_argument("--start-timeout", type=float, default=45.0)
@@ -334,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         if a.action == "record":
-            opts = render.ProbeOptions(backend=a.backend, mode=a.mode, libc=a.libc, names=tuple(a.names))
+            opts = render.ProbeOptions(backend=a.backend, mode=a.mode, libc=a.libc, names=tuple(a.names),
+                                       sources=render.resolve_sources(a.source, a.backend),
+                                       wire_netns=render.wire_netns(a.wire_scope))
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # belt and braces: the session is ours already
             return Recorder(run_dir, opts, a.duration, a.max_bytes).record()
         if a.action == "start":

@@ -93,7 +93,9 @@ def check_backend(backend: str, libc: str, seconds: float = 2.0) -> dict:
     try:
         with tempfile.TemporaryFile() as out:
             run_probe(
-                render.ProbeOptions(backend=backend, mode="events", libc=libc),
+                # the default sources (bpftrace: libc and wire), so deploy proves what capture will run
+                render.ProbeOptions(backend=backend, mode="events", libc=libc,
+                                    sources=render.resolve_sources(None, backend), wire_netns=render.wire_netns()),
                 out,
                 duration=seconds,
                 table_callback=rows.append,

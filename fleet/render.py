@@ -134,7 +134,8 @@ def _cell(value) -> Text:
 
 HEADINGS = {"host": "Host", "process": "Process", "pid": "PID", "name": "Name", "function": "Function",
             "hosts": "Hosts", "processes": "Processes", "lookups": "Lookups", "failed": "Failed",
-            "p50_ms": "p50 ms", "p95_ms": "p95 ms", "first_seen": "First", "last_seen": "Last"}
+            "p50_ms": "p50 ms", "p95_ms": "p95 ms", "first_seen": "First", "last_seen": "Last", "source": "Source",
+            "exe": "Executable", "reason": "Why"}
 
 
 def rich_table(table: pd.DataFrame, title: str, headings: dict[str, str] | None = None) -> Table:
@@ -146,8 +147,10 @@ def rich_table(table: pd.DataFrame, title: str, headings: dict[str, str] | None 
 
 
 def coverage_table(coverage: pd.DataFrame, title: str) -> Table:
+    """The coverage rows: status, window, lookups, loss, damage, completeness, the sources that ran and the
+    blind spots of the host scan (``no scan`` when there is none)."""
     out = Table(*(Column(h, overflow="fold") for h in ("Host", "Status", "Window (UTC)", "Lookups", "Lost", "Damage",
-                                                       "Complete", "Reason")), title=title)
+                                                       "Complete", "Sources", "Blind spots", "Reason")), title=title)
     for r in coverage.itertuples(index=False):
         start = "?" if r.window_start is pd.NaT else r.window_start.strftime("%Y-%m-%d %H:%M:%S")
         end = "?" if r.window_end is pd.NaT else r.window_end.strftime("%H:%M:%S")
@@ -155,6 +158,8 @@ def coverage_table(coverage: pd.DataFrame, title: str) -> Table:
         style = "green" if r.complete else ("yellow" if r.status in ("partial", "empty", "captured") else "red")
         out.add_row(Text(r.host), Text(str(r.status), style=style), Text(f"{start} – {end}"), Text(str(r.lookups)),
                     Text(str(r.lost)), Text(damage), Text("yes" if r.complete else "no", style=style),
+                    Text("-" if r.sources is pd.NA else str(r.sources)),
+                    Text("no scan" if r.blind_spots is pd.NA else str(r.blind_spots)),
                     Text("" if r.reason is pd.NA else str(r.reason)))
     return out
 
@@ -238,23 +243,29 @@ def _lines(minutes: pd.DataFrame, width: int = 720, height: int = 240) -> str:
 
 
 def write_html(dest: str | Path, *, run_id: str, coverage: pd.DataFrame, table: pd.DataFrame,
-               by_name: pd.DataFrame, minutes: pd.DataFrame, histogram: pd.DataFrame) -> None:
-    """One self-contained page (inline CSS and SVG, no scripts, every text escaped): coverage, lookups over
-    time per host, top names, failures, latency distribution, and the report table (first 500 rows)."""
-    top = by_name.head(25)
-    failing = by_name[by_name["failed"] > 0].sort_values("failed", ascending=False).head(25)
+               by_name: pd.DataFrame, minutes: pd.DataFrame, histogram: pd.DataFrame,
+               blind_spots: pd.DataFrame | None = None) -> None:
+    """One self-contained page (inline CSS and SVG, no scripts, every text escaped): coverage, the host scans'
+    blind spots (when any), lookups over time per host, top names, failures, latency distribution, and the report
+    table (first 500 rows)."""
+    known = by_name.assign(failed=by_name["failed"].fillna(0))  # wire-only names: result unknown
+    top = known.head(25)
+    failing = known[known["failed"] > 0].sort_values("failed", ascending=False).head(25)
     per_bucket = histogram.groupby("bucket")["count"].sum().sort_index() if len(histogram) else pd.Series()
     bucket_labels = [_latency_label(int(b)) for b in per_bucket.index]
     incomplete = coverage[~coverage["complete"].fillna(False).astype(bool)]
     warning = (f'<p class="bad">{len(incomplete)} of {len(coverage)} hosts not completely captured: '
                "no lookups there does not mean none happened.</p>") if len(incomplete) else \
         '<p class="ok">Every host was captured for the whole window, nothing lost.</p>'
+    blind = "" if blind_spots is None or blind_spots.empty else (
+        '<h2>Processes the libc probe cannot see</h2><p class="note">host scan at capture start; the wire source '
+        f"sees their UDP/53 queries</p>{_html_table(blind_spots)}")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fleetdns report {_e(run_id)}</title>
 <style>{_CSS}</style></head><body>
 <h1>fleetdns report {_e(run_id)}</h1>
 <h2>Coverage</h2>{warning}{_html_table(coverage)}
-<h2>Lookups over time, per host</h2>{_lines(minutes)}
+{blind}<h2>Lookups over time, per host</h2>{_lines(minutes)}
 <h2>Top names</h2><p class="note">lookups; failed in red</p>
 {_bars(list(top["name"].astype(str)), [float(v) for v in top["lookups"]], failed=[float(v) for v in top["failed"]])}
 <h2>Failures by name</h2>

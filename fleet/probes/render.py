@@ -40,6 +40,8 @@ from fleet.errors import EnvironmentProblem, InputError, UsageError
 
 BACKENDS = ("bpftrace", "stap")
 MODES = ("events", "summary")
+#: where lookups are seen: libc's resolver functions (uprobes), or DNS queries on the wire (syscall tracepoints)
+SOURCES = ("libc", "wire")
 STAP_RUNTIMES = ("module", "bpf")
 
 #: Longest name reported byte-exactly; a name of this many bytes or more is flagged as truncated
@@ -100,6 +102,8 @@ class ProbeOptions:
     (bpftrace only). ``interval`` is the summary dump period in seconds (per-minute counts are flushed each
     wall-clock minute regardless); ``max_keys`` bounds every BPF map (bpftrace) or array (stap).
     ``stap_runtime`` is ``module`` or ``bpf`` (None: :func:`stap_runtime` decides).
+    ``sources`` are ``libc`` and/or ``wire`` (bpftrace only: UDP/53 queries leaving any process, read at the
+    send syscalls); ``wire_netns`` limits the wire source to one network namespace (its inode; None: all).
     """
 
     backend: str = "bpftrace"
@@ -111,6 +115,8 @@ class ProbeOptions:
     interval: int = 60
     max_keys: int = 65536
     stap_runtime: str | None = None
+    sources: tuple[str, ...] = ("libc",)
+    wire_netns: int | None = None
 
     def resolved_libc(self) -> str:
         return self.libc or find_libc()
@@ -205,6 +211,14 @@ def _check(opts: ProbeOptions) -> list[tuple[str, list[Function]]]:
         if runtime == "bpf" and opts.names:
             raise UsageError("name globs need stap's module runtime (its bpf runtime cannot match them in the "
                              "kernel)", hint="use --backend bpftrace")
+    if not opts.sources or any(s not in SOURCES for s in opts.sources) or len(set(opts.sources)) != len(opts.sources):
+        raise UsageError(f"sources must be one or both of {', '.join(SOURCES)}, not {', '.join(opts.sources)!r}")
+    if "wire" in opts.sources:
+        if opts.backend != "bpftrace":
+            raise UsageError("the wire source needs the bpftrace backend", hint="use --source libc with stap")
+        if "libc" not in opts.sources and opts.mode == "summary":
+            raise UsageError("summary mode needs the libc source (wire queries are always single records)",
+                             hint="use --source both, or events mode")
     if opts.cgroup is not None:
         if opts.backend != "bpftrace":
             raise UsageError("--cgroup needs the bpftrace backend")
@@ -221,6 +235,33 @@ def _check(opts: ProbeOptions) -> list[tuple[str, list[Function]]]:
                              f"({', '.join(f.symbol for f in FUNCTIONS)})")
         files.append((os.path.realpath(path), funcs))
     return files
+
+
+SOURCE_CHOICES = ("libc", "wire", "both")
+WIRE_SCOPES = ("auto", "all", "netns")
+#: /proc/self/ns/pid's inode in the initial pid namespace (the kernel's PROC_PID_INIT_INO)
+_INIT_PID_NS_INO = 0xEFFFFFFC
+
+
+def resolve_sources(choice: str | None, backend: str) -> tuple[str, ...]:
+    """``--source libc|wire|both`` as the sources tuple; None (the default): both with bpftrace, libc with stap."""
+    if choice is None:
+        choice = "both" if backend == "bpftrace" else "libc"
+    if choice not in SOURCE_CHOICES:
+        raise UsageError(f"unknown source {choice!r} (choose from {', '.join(SOURCE_CHOICES)})")
+    return SOURCES if choice == "both" else (choice,)
+
+
+def wire_netns(scope: str = "auto") -> int | None:
+    """The network namespace (inode) the wire source is limited to, for ``--wire-scope``: ``all`` → None (every
+    namespace: a real host, whose containers are its own processes); ``netns`` → this process's; ``auto`` →
+    ``netns`` when this process is not in the initial pid namespace (a probe inside a container or a lab host
+    sees that one's traffic, not its neighbours'), else ``all``."""
+    if scope not in WIRE_SCOPES:
+        raise UsageError(f"unknown wire scope {scope!r} (choose from {', '.join(WIRE_SCOPES)})")
+    if scope == "auto":
+        scope = "all" if os.stat("/proc/self/ns/pid").st_ino == _INIT_PID_NS_INO else "netns"
+    return None if scope == "all" else os.stat("/proc/self/ns/net").st_ino
 
 
 def glob_parts(glob: str) -> tuple[bytes, bytes | None]:
@@ -430,28 +471,132 @@ def _bt_return(f: Function, files: list[tuple[str, list[Function]]], pred: str, 
         f"      {_bt_emit(f, opts, comm_offset)}\n    }}\n    delete(@he[tid]);\n  }}\n}}")
 
 
+# ---------------------------------------------------------------------------------------------- bpftrace wire
+
+#: the send syscalls the wire source reads, by the ``sid`` of a W record (docs/capture-format.md)
+WIRE_SYSCALLS: dict[int, str] = {1: "write", 2: "sendto", 3: "sendmsg", 4: "sendmmsg"}
+#: messages of one sendmmsg() call looked at (glibc sends two: the A and the AAAA query); each is its own probe
+WIRE_MMSG = 4
+#: payload bytes reported per query: a DNS header (12) plus the longest question (255 + 4) and then some
+WIRE_PAYLOAD = 272
+# x86-64 user ABI offsets: struct user_msghdr {name 0, namelen 8, iov 16, iovlen 24, ...} (56 bytes), struct
+# mmsghdr {msg_hdr, msg_len} (64 bytes), struct iovec {base 0, len 8}; sockaddr_in(6): family 0, port 2 (network
+# order), sin_addr 4, sin6_addr 8
+_MSGHDR_NAME, _MSGHDR_IOV, _MMSGHDR_SIZE = 0, 16, 64
+
+
+def _bt_sockaddr(expr: str) -> str:
+    """Statements reading the ``struct sockaddr`` at user address ``expr`` into ``$af`` ``$port`` ``$a0``
+    ``$a1`` (the address as little-endian integers: 4 bytes for AF_INET, 8 + 8 for AF_INET6)."""
+    return (f"$sa = (uint64)({expr}); $af = (int64)0; $port = (uint64)0; $a0 = (uint64)0; $a1 = (uint64)0;\n"
+            "  if ($sa != 0) {\n"
+            "    $af = (int64)*(uint16*)uptr($sa);\n"
+            "    $port = ((uint64)*(uint8*)uptr($sa + 2) << 8) | (uint64)*(uint8*)uptr($sa + 3);\n"
+            "    if ($af == 2) { $a0 = (uint64)*(uint32*)uptr($sa + 4); }\n"
+            "    if ($af == 10) { $a0 = *(uint64*)uptr($sa + 8); $a1 = *(uint64*)uptr($sa + 16); }\n"
+            "  }")
+
+
+def _bt_connected() -> str:
+    """Statements taking ``$af`` … ``$a1`` from the socket's port-53 connect() (@wc), when it was seen."""
+    return ("$w = @wc[pid, $fd]; $af = $w.0; $a0 = $w.1; $a1 = $w.2; $port = (uint64)0;\n"
+            "  if ($af != 0) { $port = 53; }")
+
+
+def _bt_wire_emit(sid: int, comm_offset: int) -> str:
+    """Statements printing one query (payload at ``$p``, ``$n`` bytes) sent to UDP port 53: the raw line ``w``
+    with the first 128 bytes, then ``v TID OFFSET BYTES`` lines with the rest. A printf of two 128-byte buffers
+    does not fit the 512-byte BPF stack, so the runner joins them into one W record
+    (:class:`fleet.probes.runner.WireAssembler`); @emitted counts the ``w`` lines."""
+    return "\n    ".join([
+        f"$cp = (uint64)curtask + {comm_offset}; $c0 = *(uint64*)kptr($cp); $c1 = *(uint64*)kptr($cp + 8);",
+        f"$x = $n; if ($x > {HALF}) {{ $x = {HALF}; }} if ($x < 0) {{ $x = 0; }}",
+        f'printf("w %lld %d %d %d {sid} %d %d %lu %lu %d %d %lu %lu %rx\\n", nsecs, pid, tid, uid, $fd, $af, $a0, '
+        "$a1, $port, $n, $c0, $c1, buf(uptr($p), $x)); @emitted = count();",
+        f"if ($n > {HALF}) {{ $y = $n - {HALF}; if ($y > {HALF}) {{ $y = {HALF}; }} "
+        f'printf("v %d {HALF} %rx\\n", tid, buf(uptr($p + {HALF}), $y)); }}',
+        f"if ($n > {2 * HALF}) {{ $z = $n - {2 * HALF}; if ($z > {WIRE_PAYLOAD - 2 * HALF}) "
+        f"{{ $z = {WIRE_PAYLOAD - 2 * HALF}; }} "
+        f'printf("v %d {2 * HALF} %rx\\n", tid, buf(uptr($p + {2 * HALF}), $z)); }}'])
+
+
+def _bt_wire(pred: str, comm_offset: int) -> list[str]:
+    """The wire source's probes: connect() remembers sockets connected to port 53 (@wc, until close() or
+    another connect()), and every send syscall whose destination — its own address, or the connected one — is
+    port 53 prints its payload. ``pred`` is the probes' common predicate (cgroup, network namespace)."""
+    def when(extra: str) -> str:
+        conds = [c for c in (pred, extra) if c]
+        return f" /{' && '.join(conds)}/" if conds else ""
+
+    def send(sid: int, where: str, body: str) -> str:
+        return (f"tracepoint:syscalls:sys_enter_{WIRE_SYSCALLS[sid]}{where}\n{{\n  $fd = (uint64)args->fd;\n"
+                f"  {body}\n  if ($port == 53) {{\n    {_bt_wire_emit(sid, comm_offset)}\n  }}\n}}")
+
+    def own_or_connected(addr: str) -> str:
+        return f"{_bt_sockaddr(addr)}\n  if ($sa == 0) {{ {_bt_connected()} }}"
+
+    probes = [
+        f"tracepoint:syscalls:sys_enter_connect{when('')}\n{{\n"
+        f"  $fd = (uint64)args->fd;\n  {_bt_sockaddr('args->uservaddr')}\n"
+        "  if (($af == 2 || $af == 10) && $port == 53) { @wc[pid, $fd] = ($af, $a0, $a1); }\n"
+        "  else { delete(@wc[pid, $fd]); }\n}",
+        # only sockets that were connected to port 53 cost a map update here
+        f"tracepoint:syscalls:sys_enter_close /@wc[pid, (uint64)args->fd].0 != 0/\n{{\n"
+        "  delete(@wc[pid, (uint64)args->fd]);\n}",
+        send(1, when("@wc[pid, (uint64)args->fd].0 != 0"),
+             f"{_bt_connected()}\n  $p = (uint64)args->buf; $n = (int64)args->count;"),
+        send(2, when(""), f"{own_or_connected('args->addr')}\n  $p = (uint64)args->buff; $n = (int64)args->len;"),
+        send(3, when(""), f"$m = (uint64)args->msg;\n  {own_or_connected(f'*(uint64*)uptr($m + {_MSGHDR_NAME})')}\n"
+                          f"  $iov = *(uint64*)uptr($m + {_MSGHDR_IOV}); $p = *(uint64*)uptr($iov); "
+                          "$n = (int64)*(uint64*)uptr($iov + 8);"),
+    ]
+    for k in range(WIRE_MMSG):
+        probes.append(send(4, when(f"args->vlen > {k}"),
+                           f"$m = (uint64)args->mmsg + {k * _MMSGHDR_SIZE};\n"
+                           f"  {own_or_connected(f'*(uint64*)uptr($m + {_MSGHDR_NAME})')}\n"
+                           f"  $iov = *(uint64*)uptr($m + {_MSGHDR_IOV}); $p = *(uint64*)uptr($iov); "
+                           "$n = (int64)*(uint64*)uptr($iov + 8);"))
+    return probes
+
+
 def _render_bpftrace(opts: ProbeOptions, files: list[tuple[str, list[Function]]]) -> str:
-    pred = f' /cgroup == cgroupid("{opts.cgroup}")/' if opts.cgroup else ""
+    cgroup = f'cgroup == cgroupid("{opts.cgroup}")' if opts.cgroup else ""
+    pred = f" /{cgroup}/" if cgroup else ""
     comm_offset = task_comm_offset()
-    hooked = sorted({f.fid for _p, funcs in files for f in funcs})
+    hooked = sorted({f.fid for _p, funcs in files for f in funcs}) if "libc" in opts.sources else []
     probes = []
     for f in FUNCTIONS:
         if f.fid in hooked:
             probes.append(_bt_entry(f, files, pred, opts))
             probes.append(_bt_return(f, files, pred, opts, comm_offset))
+    end_clear = ""
+    if "wire" in opts.sources:
+        netns = f"curtask->nsproxy->net_ns->ns.inum == {opts.wire_netns}" if opts.wire_netns is not None else ""
+        probes += _bt_wire(" && ".join(c for c in (cgroup, netns) if c), comm_offset)
+        end_clear = " clear(@wc);"
     if opts.mode == "summary":
-        mode_blocks = _template("summary.bt.tmpl").replace("{{INTERVAL}}", str(opts.interval))
+        mode_blocks = (_template("summary.bt.tmpl").replace("{{INTERVAL}}", str(opts.interval))
+                       .replace("clear(@he);", "clear(@he);" + end_clear))
         begin = "\n  @cur = (nsecs + $1) / 60000000000;\n  @tick = 0;"
     else:
-        mode_blocks = "END\n{\n  print(@emitted);\n  clear(@emitted); clear(@nd); clear(@d); clear(@e); clear(@he);\n}"
+        mode_blocks = ("END\n{\n  print(@emitted);\n  clear(@emitted); clear(@nd); clear(@d); clear(@e); clear(@he);"
+                       f"{end_clear}\n}}")
         begin = ""
     return (_template("dnsprobe.bt.tmpl")
-            .replace("{{FILES}}", ", ".join(p for p, _f in files))
+            .replace("{{FILES}}", ", ".join(p for p, _f in files) if hooked else "none (libc source off)")
+            .replace("{{WIRE}}", _wire_text(opts))
             .replace("{{MODE}}", opts.mode)
             .replace("{{BEGIN}}", begin)
             .replace("{{FILTERS}}", _filters_text(opts))
             .replace("{{PROBES}}", "\n\n".join(probes))
             .replace("{{MODE_BLOCKS}}", mode_blocks))
+
+
+def _wire_text(opts: ProbeOptions) -> str:
+    if "wire" not in opts.sources:
+        return "off"
+    scope = f"network namespace {opts.wire_netns} only" if opts.wire_netns is not None else "every network namespace"
+    return f"{', '.join(WIRE_SYSCALLS.values())} to UDP port 53 (and connect, close); {scope}"
 
 
 # ---------------------------------------------------------------------------------------------- common

@@ -28,7 +28,8 @@ Command line (stdlib only; this is what runs on fleet hosts)::
 
     python -m fleet.probes.runner [--backend bpftrace|stap] [--mode events|summary] [--duration S]
         [--output FILE|-] [--libc PATH] [--binary PATH]... [--names GLOB]... [--cgroup PATH]
-        [--interval S] [--max-keys N] [--stap-runtime module|bpf] [--print-script]
+        [--interval S] [--max-keys N] [--stap-runtime module|bpf] [--source libc|wire|both]
+        [--wire-scope auto|all|netns] [--print-script]
 
 SIGINT and SIGTERM end the capture cleanly: the runner forwards SIGINT to the backend's own pid (the backend
 runs in its own session, so a terminal's Ctrl-C reaches only the runner), the backend prints its final maps
@@ -154,6 +155,9 @@ def _header(opts: render.ProbeOptions, program: str, offset: int) -> dict[str, A
         "interval_s": opts.interval, "max_keys": opts.max_keys,
         "functions": {str(k): v for k, v in render.FUNCTION_NAMES.items()},
         "runner_pid": os.getpid(),
+        "sources": list(opts.sources),
+        "wire_scope": None if "wire" not in opts.sources else
+        "all" if opts.wire_netns is None else f"netns:{opts.wire_netns}",
         **(_stap_header(opts) if opts.backend == "stap" else {}),
     }
 
@@ -268,6 +272,55 @@ class StapBpfAssembler:
             out.append(b"N %d %d %d 0 %s\n" % (key, af, length, cf.hex_bytes(name).encode()))
         out.append(b"E %d %d %d %d %d %d %d %d %d %d %d\n" % (t0, pid, tid, uid, fid, rc, herr, lat, key, c0, c1))
         return out
+
+
+class WireAssembler:
+    """Join the wire source's raw lines into ``W`` records (docs/capture-format.md).
+
+    The probe prints ``w BOOT PID TID UID SID FD AF A0 A1 PORT LEN C0 C1 BYTES0`` per query, followed on the same
+    thread by ``v TID 128 BYTES1`` and ``v TID 256 BYTES2`` when the payload is longer than 128 / 256 bytes (one
+    printf cannot carry two 128-byte buffers on the BPF stack). A thread sends one query at a time, so the
+    pieces are joined by thread id even when other records come in between. A query whose continuation never
+    came (lost) is written with what arrived, when the thread's next query or the end comes.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[bytes, tuple[list[bytes], list[bytes | None]]] = {}  # tid → (fields, chunks)
+
+    def feed(self, line: bytes) -> list[bytes]:
+        """W records completed by this raw line (``w`` or ``v``); a malformed line is dropped (returns [])."""
+        parts = line.rstrip(b"\n").split(b" ")
+        if parts[0] == b"w" and len(parts) == 15:
+            out = self._flush(parts[3])
+            try:
+                length = int(parts[11])
+            except ValueError:
+                return out
+            chunks: list[bytes | None] = [parts[14]] + [None] * (length > render.HALF) + \
+                [None] * (length > 2 * render.HALF)
+            self._pending[parts[3]] = (parts[1:14], chunks)
+            return out + self._complete(parts[3])
+        if parts[0] == b"v" and len(parts) == 4 and parts[1] in self._pending and parts[2].isdigit():
+            _fields, chunks = self._pending[parts[1]]
+            index = int(parts[2]) // render.HALF
+            if 0 < index < len(chunks):
+                chunks[index] = parts[3]
+            return self._complete(parts[1])
+        return []
+
+    def flush(self) -> list[bytes]:
+        """The queries still waiting for a continuation (at the end of the capture)."""
+        return [r for tid in list(self._pending) for r in self._flush(tid)]
+
+    def _complete(self, tid: bytes) -> list[bytes]:
+        return self._flush(tid) if all(c is not None for c in self._pending[tid][1]) else []
+
+    def _flush(self, tid: bytes) -> list[bytes]:
+        if tid not in self._pending:
+            return []
+        fields, chunks = self._pending.pop(tid)
+        payload = [c or b"" for c in chunks] + [b""] * (3 - len(chunks))
+        return [b"W " + b" ".join(fields + payload) + b"\n"]
 
 
 class _Stopper:
@@ -460,6 +513,7 @@ def _run(opts, argv, file, offset, duration, table_callback, ready_callback, sto
     # the stap module runtime prints summary records itself; stapbpf's raw lines are assembled into records
     direct = b"ENSYBXAZFM" if opts.backend == "stap" else b"ENSYB"
     assembler = StapBpfAssembler() if stapbpf else None
+    wire = WireAssembler()
     lines = proc.stdout if assembler is None else (r for line in proc.stdout for r in assembler.feed(line))
     if stop is not None:
         threading.Thread(target=lambda: stop.wait() and stopper.stop("stopped"), daemon=True).start()
@@ -492,6 +546,11 @@ def _run(opts, argv, file, offset, duration, table_callback, ready_callback, sto
                         table_callback(row)
                 elif kind == b"N" and table_callback is not None:
                     cf.add_display_name(names, line)
+            elif kind in b"wv" and line[1:2] == b" ":
+                printed += kind == b"w"
+                for record in wire.feed(line):
+                    out.write(record)
+                    records += 1
             elif (m := _EMITTED_RE.match(line)) is not None:
                 # END prints the count; bpftrace's own exit then prints the cleared map again as 0
                 emitted = max(emitted or 0, int(m.group(1)))
@@ -504,6 +563,9 @@ def _run(opts, argv, file, offset, duration, table_callback, ready_callback, sto
             elif line.strip() and not line.startswith(b"Attaching "):
                 messages.append(line.decode("utf-8", "replace").strip()[:200])
         proc.wait()
+        for record in wire.flush():
+            out.write(record)
+            records += 1
         if emitted is not None and emitted > printed + lost:
             # records the backend produced but never delivered (left in its buffers at exit): lost too
             out.write(b"L %d\n" % (emitted - printed - lost))
@@ -567,12 +629,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-keys", type=int, default=65536)
     p.add_argument("--stap-runtime", choices=render.STAP_RUNTIMES, default=None,
                    help="stap's runtime (default: $FLEETDNS_STAP_RUNTIME, else module when kernel headers exist)")
+    p.add_argument("--source", choices=render.SOURCE_CHOICES, default=None,
+                   help="libc, wire or both (default: both with bpftrace, libc with stap)")
+    p.add_argument("--wire-scope", choices=render.WIRE_SCOPES, default="auto",
+                   help="the wire source's network namespaces (auto: this one inside a container, else all)")
     p.add_argument("--print-script", action="store_true", help="print the rendered script and exit")
     a = p.parse_args(argv)
-    opts = render.ProbeOptions(backend=a.backend, mode=a.mode, libc=a.libc, binaries=tuple(a.binary),
-                               names=tuple(a.names), cgroup=a.cgroup, interval=a.interval, max_keys=a.max_keys,
-                               stap_runtime=a.stap_runtime)
     try:
+        opts = render.ProbeOptions(backend=a.backend, mode=a.mode, libc=a.libc, binaries=tuple(a.binary),
+                                   names=tuple(a.names), cgroup=a.cgroup, interval=a.interval,
+                                   max_keys=a.max_keys, stap_runtime=a.stap_runtime,
+                                   sources=render.resolve_sources(a.source, a.backend),
+                                   wire_netns=render.wire_netns(a.wire_scope))
         if a.print_script:
             sys.stdout.write(render.render(opts))
             return 0

@@ -122,7 +122,7 @@ def test_damage_is_counted_not_raised():
     blob += event(7, b"cut")[:-5]  # a truncated last line
     c = cf.parse_capture(blob)
     assert list(c.events["name"]) == ["ok1", "ok2"]
-    assert c.damage == {"unknown_record": 2, "bad_record": 2, "wire_record": 1, "truncated_line": 1,
+    assert c.damage == {"unknown_record": 2, "bad_record": 3, "truncated_line": 1,
                         "no_trailer": 1}
 
 

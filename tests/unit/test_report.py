@@ -16,7 +16,8 @@ from fleet import render, report
 from fleet.errors import InputError, UsageError
 from tests.captures import CaptureBuilder, Lookup, make_run
 
-CSV_COLUMNS = ["host", "process", "pid", "name", "lookups", "failed", "p50_ms", "p95_ms", "first_seen", "last_seen"]
+CSV_COLUMNS = ["host", "process", "pid", "name", "lookups", "failed", "p50_ms", "p95_ms", "first_seen", "last_seen",
+               "source"]
 HOSTILE = [b"comma,name", b'quote"name', b"tab\tname", b"new\nline", b"=HYPERLINK(\"http://x\",\"y\")", b"+1",
            b"-1+2", b"@SUM(A1)", b"'=already", b"\xff\xfe\x80bad", "bücher.de".encode(), b"esc\x1b[31mred",
            b"back\\x41slash", b"x" * 253, b"", b"\r=cr"]
@@ -61,7 +62,8 @@ def test_events_and_summary_hosts_merge_into_one_table():
     assert dict(table.dtypes.astype(str)) == {
         "host": "category", "process": "category", "pid": "Int64", "name": "category", "lookups": "Int64",
         "failed": "Int64", "p50_ms": "Float64", "p95_ms": "Float64", "first_seen": "datetime64[ns, UTC]",
-        "last_seen": "datetime64[ns, UTC]"}
+        "last_seen": "datetime64[ns, UTC]", "source": "category"}
+    assert set(table["source"]) == {"libc"}  # captures without a wire source
     rows = {(r.host, r.process, r.name): (r.lookups, r.failed) for r in table.itertuples()}
     assert rows == {("lab2", "curl", "db.lab"): (5, 1), ("lab1", "curl", "db.lab"): (3, 0),
                     ("lab1", "python3", "nx.lab"): (2, 2)}
@@ -81,7 +83,7 @@ def test_by_name_counts_hosts_and_processes():
     loaded = report.load(lab_run())
     t = report.aggregate(loaded, ["name"]).set_index("name")
     assert list(t.columns) == ["hosts", "processes", "lookups", "failed", "p50_ms", "p95_ms", "first_seen",
-                               "last_seen"]
+                               "last_seen", "source"]
     assert (t.loc["db.lab", "hosts"], t.loc["db.lab", "processes"], t.loc["db.lab", "lookups"]) == (2, 1, 8)
     assert t.loc["nx.lab", "failed"] == 2
     by_function = report.aggregate(loaded, ["function"])

@@ -54,7 +54,7 @@ def test_report_latest_run_by_default_and_csv_to_stdout_only():
     assert proc.returncode == 0, proc.stderr
     table = pd.read_csv(io.StringIO(proc.stdout), keep_default_na=False)
     assert list(table.columns) == ["host", "process", "pid", "name", "lookups", "failed", "p50_ms", "p95_ms",
-                                   "first_seen", "last_seen"]
+                                   "first_seen", "last_seen", "source"]
     assert set(table["host"]) == {"lab1", "lab2"}  # the newest run, not "old"
     assert table.groupby("host")["lookups"].sum().to_dict() == {"lab1": 5, "lab2": 4}
     assert table["failed"].sum() == 3
