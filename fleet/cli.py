@@ -300,15 +300,15 @@ def capture_command(inventory_path, duration, limit, backend, mode, names, watch
     seconds = parse_duration(duration, what="--duration")
     cap = parse_size(max_bytes, what="--max-bytes") if max_bytes else None
     _check_watch(watch)
-    source = inventory_path or deploy.last_inventory()
-    if source is None:
+    inventory_file = inventory_path or deploy.last_inventory()  # not "source": that is --source's value
+    if inventory_file is None:
         raise UsageError("no inventory: pass -i INVENTORY or run 'fleetdns deploy INVENTORY' first")
-    hosts = inventory.load(source, limit)
+    hosts = inventory.load(inventory_file, limit)
     options = {"backend": backend, "mode": mode, "duration_s": seconds, "names": list(names), "max_bytes": cap,
                "label": label, "cgroup": None, "interval_s": None,
                "source": source, "wire_scope": wire_scope}
     options["watch"] = list(dict.fromkeys(watch))
-    run = capture.new(str(Path(source).resolve()), limit, hosts, options, ["fleetdns", *sys.argv[1:]])
+    run = capture.new(str(Path(inventory_file).resolve()), limit, hosts, options, ["fleetdns", *sys.argv[1:]])
     out.print(run.id)
     fleet = capture.connect(hosts)
     try:
