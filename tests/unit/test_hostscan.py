@@ -570,12 +570,25 @@ def test_gather_copies_the_scan_0600_and_summarises_it(tmp_path, monkeypatch):
                                                              "error": None}
 
 
-def test_capture_passes_watch_names_to_run_start():
-    from fleet import capture
+def test_capture_passes_watch_names_to_run_start(tmp_path, monkeypatch):
+    """From the command line to the run start argv and the manifest's options, each name once."""
+    from fleet import capture, cli
 
-    run = type("R", (), {"id": "20261203T130000Z"})()
-    argv = capture._start_argv(run, {"duration_s": 5, "backend": "auto", "mode": "events", "watch": ["old-db.lab"]})
-    assert "--watch=old-db.lab" in argv
+    monkeypatch.setenv("FLEETDNS_HOME", str(tmp_path))
+    inventory = tmp_path / "inv.ini"
+    inventory.write_text("[lab]\nh1 ansible_host=127.0.0.1\n")
+    seen = {}
+
+    def fake_start(run, fleet, options, on_host=None):
+        seen.update(argv=capture._start_argv(run, options), options=run.manifest["options"])
+        raise SystemExit(0)
+
+    monkeypatch.setattr(capture, "start", fake_start)
+    with pytest.raises(SystemExit):
+        cli.main(["capture", "-i", str(inventory), "--duration", "5s", "--watch", "old-db.lab", "--watch", "db.lab",
+                  "--watch", "old-db.lab"])
+    assert [a for a in seen["argv"] if a.startswith("--watch")] == ["--watch=old-db.lab", "--watch=db.lab"]
+    assert seen["options"]["watch"] == ["old-db.lab", "db.lab"]
 
 
 @pytest.mark.parametrize(("watch", "needle"), [
