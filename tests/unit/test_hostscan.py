@@ -586,9 +586,11 @@ def test_capture_passes_watch_names_to_run_start(tmp_path, monkeypatch):
     monkeypatch.setattr(capture, "start", fake_start)
     with pytest.raises(SystemExit):
         cli.main(["capture", "-i", str(inventory), "--duration", "5s", "--watch", "old-db.lab", "--watch", "db.lab",
-                  "--watch", "old-db.lab"])
+                  "--watch", "old-db.lab", "--source", "wire"])
     assert [a for a in seen["argv"] if a.startswith("--watch")] == ["--watch=old-db.lab", "--watch=db.lab"]
     assert seen["options"]["watch"] == ["old-db.lab", "db.lab"]
+    # --source's value, not the inventory path (they once shared a variable)
+    assert [a for a in seen["argv"] if a.startswith("--source")] == ["--source=wire"]
 
 
 @pytest.mark.parametrize(("watch", "needle"), [
