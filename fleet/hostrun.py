@@ -141,7 +141,8 @@ class Recorder:
         self.status: dict[str, Any] = {
             "run": run_dir.name, "state": "attaching", "pid": os.getpid(), "backend": opts.backend,
             "mode": opts.mode, "libc": opts.libc, "marker": self.marker, "selftest": False, "attached": False,
-            "sources": list(opts.sources), "records": 0, "events": 0, "wire": 0, "lost": 0, "dropped": 0, "bytes": 0, "max_bytes": max_bytes,
+            "sources": list(opts.sources), "records": 0, "events": 0, "wire": 0, "lost": 0, "dropped": 0,
+            "bytes": 0, "max_bytes": max_bytes,
             "capped": False, "duration_s": duration, "started": _now(), "attached_at": None, "deadline": None,
             "ended": None, "stop_reason": None, "exit_status": None, "error": None, "sha256": None}
         self.max_bytes = max_bytes
@@ -171,8 +172,8 @@ class Recorder:
             w.flush()
             # summary mode has no per-lookup records to count: its lookups are in the dumps (events: null)
             events = max(0, w.events - self.marker_hits) if self.opts.mode == "events" else None
-            self.status.update(records=w.records, events=events, wire=w.wire, lost=w.lost + w.dropped, dropped=w.dropped,
-                               bytes=w.bytes, capped=w.dropped > 0)
+            self.status.update(records=w.records, events=events, wire=w.wire, lost=w.lost + w.dropped,
+                               dropped=w.dropped, bytes=w.bytes, capped=w.dropped > 0)
         write_json_atomic(self.dir / "status.json", self.status)
 
     def _tick(self) -> None:

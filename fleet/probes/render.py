@@ -509,7 +509,9 @@ def _bt_wire_emit(sid: int, comm_offset: int) -> str:
     does not fit the 512-byte BPF stack, so the runner joins them into one W record
     (:class:`fleet.probes.runner.WireAssembler`); @emitted counts the ``w`` lines."""
     return "\n    ".join([
-        f"$cp = (uint64)curtask + {comm_offset}; $c0 = *(uint64*)kptr($cp); $c1 = *(uint64*)kptr($cp + 8);",
+        # the process's name (its main thread's comm), not the sending thread's: dig sends from "isc-net-0000"
+        f"$cp = (uint64)curtask->group_leader + {comm_offset}; $c0 = *(uint64*)kptr($cp); "
+        "$c1 = *(uint64*)kptr($cp + 8);",
         f"$x = $n; if ($x > {HALF}) {{ $x = {HALF}; }} if ($x < 0) {{ $x = 0; }}",
         f'printf("w %lld %d %d %d {sid} %d %d %lu %lu %d %d %lu %lu %rx\\n", nsecs, pid, tid, uid, $fd, $af, $a0, '
         "$a1, $port, $n, $c0, $c1, buf(uptr($p), $x)); @emitted = count();",
@@ -541,7 +543,7 @@ def _bt_wire(pred: str, comm_offset: int) -> list[str]:
         "  if (($af == 2 || $af == 10) && $port == 53) { @wc[pid, $fd] = ($af, $a0, $a1); }\n"
         "  else { delete(@wc[pid, $fd]); }\n}",
         # only sockets that were connected to port 53 cost a map update here
-        f"tracepoint:syscalls:sys_enter_close /@wc[pid, (uint64)args->fd].0 != 0/\n{{\n"
+        "tracepoint:syscalls:sys_enter_close /@wc[pid, (uint64)args->fd].0 != 0/\n{\n"
         "  delete(@wc[pid, (uint64)args->fd]);\n}",
         send(1, when("@wc[pid, (uint64)args->fd].0 != 0"),
              f"{_bt_connected()}\n  $p = (uint64)args->buf; $n = (int64)args->count;"),

@@ -85,8 +85,8 @@ def _build(tmp_path) -> tuple[str, str]:
     subprocess.run(["gcc", "-static", "-O2", "-o", str(tmp_path / "static_lookup"), str(tmp_path / "static_lookup.c")],
                    check=True, capture_output=True)
     (tmp_path / "main.go").write_text(GO_LOOKUP)
-    env = {**os.environ, "HOME": str(tmp_path), "GOCACHE": str(tmp_path / "gocache"), "GOPATH": str(tmp_path / "gopath"),
-           "CGO_ENABLED": "0", "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local"}
+    env = {**os.environ, "HOME": str(tmp_path), "GOCACHE": str(tmp_path / "gocache"),
+           "GOPATH": str(tmp_path / "gopath"), "CGO_ENABLED": "0", "GOTOOLCHAIN": "local"}
     subprocess.run(["go", "build", "-o", str(tmp_path / "go_lookup"), str(tmp_path / "main.go")], check=True,
                    capture_output=True, env=env, cwd=tmp_path)
     return str(tmp_path / "static_lookup"), str(tmp_path / "go_lookup")
