@@ -5,7 +5,7 @@ Started by the lab supervisor as
 so it runs inside the host's own network, mount, UTS and pid namespaces. It is a minimal init on purpose: sshd is
 only its child, so stopping sshd or cutting the network leaves the host's other processes (a running probe) alive,
 as on a real machine. Orphans of the host (daemons started by ``lab exec`` or over SSH) are reparented to it and
-reaped here.
+reaped here. Once sshd runs, it execs itself again (``--reap``) so that it maps the host's libc.
 
 It uses the standard library only and runs under the system ``/usr/bin/python3``: after ``chroot`` the host has
 its own ``/root``, so an interpreter living there (pyenv) would lose its lazily imported modules.
@@ -81,8 +81,12 @@ def reap_forever():
 
 
 def main():
+    if sys.argv[1] == "--reap":
+        reap_forever()
     with open(sys.argv[1]) as f:
         cfg = json.load(f)
+    # kept open across the chroot, to exec this file again from inside the host (the path may be hidden there)
+    me = os.open(__file__, os.O_RDONLY)
     # /proc is still the machine's here, so /proc/self names this process as the machine sees it.
     with open(cfg["pid_file"] + ".tmp", "w") as f:
         f.write(os.readlink("/proc/self"))
@@ -93,7 +97,10 @@ def main():
     os.environ.update(cfg["env"])
     subprocess.run([cfg["sshd"]], check=False)  # daemonises; the daemon is reparented to us
     print(f"{cfg['name']}: up", flush=True)
-    reap_forever()
+    # pid 1 started on the machine's libc; exec'd again it maps the host's own (bind-mounted) copy, like every
+    # other process of the host, so the host's probe and its scan see no stranger in its init
+    os.set_inheritable(me, True)
+    os.execv(sys.executable, [sys.executable, f"/proc/self/fd/{me}", "--reap"])
 
 
 if __name__ == "__main__":
