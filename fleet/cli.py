@@ -249,6 +249,18 @@ def check_command(run_id: str | None, absent: tuple[str, ...], present: tuple[st
               + (", every --present name seen" if present else ""), markup=False)
 
 
+def source_options(command):
+    """``--source`` and ``--wire-scope``, the same on ``probe`` and ``capture`` (fleet/probes/render.py)."""
+    command = click.option(
+        "--wire-scope", type=click.Choice(["auto", "all", "netns"]), default="auto", show_default=True,
+        help="The wire source's network namespaces: all (containers' too), or netns (the probe's own); auto: "
+        "netns when the probe runs inside a container or lab host, else all.")(command)
+    return click.option(
+        "--source", type=click.Choice(["libc", "wire", "both"]), default=None,
+        help="libc: the resolver functions (uprobes); wire: DNS queries sent to UDP port 53 (syscall tracepoints, "
+        "bpftrace; sees dig, Go, static binaries). Default: both with bpftrace, libc with stap.")(command)
+
+
 # ---- capture, gather, runs -------------------------------------------------------------------------------------
 
 
@@ -264,12 +276,7 @@ def check_command(run_id: str | None, absent: tuple[str, ...], present: tuple[st
 @click.option("--names", multiple=True, metavar="GLOB", help="Only names matching this glob (repeatable).")
 @click.option("--watch", multiple=True, metavar="NAME",
               help="Resolve NAME on each host at the start, for pre-capture evidence (repeatable; docs/scan.md).")
-@click.option("--source", type=click.Choice(["libc", "wire", "both"]), default=None,
-              help="libc: the resolver functions; wire: DNS queries sent to UDP port 53 (bpftrace); "
-              "default: both with bpftrace, libc with stap.")
-@click.option("--wire-scope", type=click.Choice(["auto", "all", "netns"]), default="auto", show_default=True,
-              help="The wire source's network namespaces: all (containers too), netns (the probe's own); "
-              "auto: netns when the probe runs inside a container or lab host, else all.")
+@source_options
 @click.option("--label", metavar="TEXT", help="A note kept in the run's manifest (e.g. a change ticket).")
 @click.option("--max-bytes", metavar="SIZE", help="Cap each host's capture file (e.g. 500M); the host stops there.")
 @click.option("--detach", is_flag=True, help="Return once every reachable host records; gather later.")
@@ -500,12 +507,7 @@ def deploy_command(inventory_path: str, limit: str | None, check: bool, backend:
 @click.option("--binary", "binaries", metavar="PATH", multiple=True,
               help="Also hook this program (a static binary carrying its own resolver; repeatable).")
 @click.option("--cgroup", metavar="PATH", help="Only processes in this cgroup v2 directory (bpftrace).")
-@click.option("--source", type=click.Choice(["libc", "wire", "both"]), default=None,
-              help="libc: the resolver functions (uprobes); wire: DNS queries sent to UDP port 53 (syscall "
-              "tracepoints, bpftrace; sees dig, Go, static binaries). Default: both with bpftrace, libc with stap.")
-@click.option("--wire-scope", type=click.Choice(["auto", "all", "netns"]), default="auto", show_default=True,
-              help="The wire source's network namespaces: all, or netns (this one); auto: netns inside a "
-              "container, else all.")
+@source_options
 @click.option("--interval", metavar="D", default="60s", show_default=True,
               help="Summary mode: print the in-kernel counts this often.")
 @click.option("--stap-runtime", type=click.Choice(["module", "bpf"]), default=None,
