@@ -23,7 +23,9 @@ this machine. ``--nsswitch`` keeps the machine's own (use it inside a lab host t
 
 ``--lab-dns``: the same rate ratio (bare, summary, events) on a loop resolving ``db.lab`` inside a one-host lab
 brought up for the run, answered by the lab's DNS server over the lab bridge (a real ~100 µs lookup, where the
-probe's fixed cost weighs far less than on the 3 µs localhost loop). The probe hooks that host's own libc file.
+probe's fixed cost weighs far less than on the 3 µs localhost loop). The probe hooks that host's own libc file;
+``summary+wire`` and ``events+wire`` add the wire source (limited to that host's network namespace), which here
+reads every query the loop sends.
 """
 
 from __future__ import annotations
@@ -220,15 +222,20 @@ def lab_dns_ratio(args, tmp: Path, bench: str) -> list[dict]:
 
         # the bare rate drifts down during a run (each lookup is a new UDP flow through the lab's bridge), so each
         # probed run is compared with the bare runs right before and after it: bare, summary, bare, events, bare
-        sequence = ["bare", "summary", "bare", "events", "bare"]
-        ratios: dict[str, list[float]] = {"summary": [], "events": []}
-        rates: dict[str, list[float]] = {"bare": [], "summary": [], "events": []}
-        lost = {"bare": 0, "summary": 0, "events": 0}
+        # (+wire: the wire source too, which here reads every query the loop sends)
+        probed = ["summary", "events", "summary+wire", "events+wire"]
+        sequence = ["bare"] + [c for config in probed for c in (config, "bare")]
+        ratios: dict[str, list[float]] = {c: [] for c in probed}
+        rates: dict[str, list[float]] = {c: [] for c in ["bare", *probed]}
+        lost = dict.fromkeys(rates, 0)
         for r in range(args.rounds):
             got = []
             for config in sequence:
-                probe = None if config == "bare" else Running(render.ProbeOptions(mode=config, libc=libc),
-                                                              tmp / f"lab-{config}-{r}.capture")
+                mode, _, wire = config.partition("+")
+                probe = None if config == "bare" else Running(
+                    render.ProbeOptions(mode=mode, libc=libc, sources=("libc", "wire") if wire else ("libc",),
+                                        wire_netns=os.stat(f"/run/netns/{lab.layout.netns(1)}").st_ino),
+                    tmp / f"lab-{config}-{r}.capture")
                 _count, per_s = loop(["/var/lib/fleetdns/gai_bench"], "db.lab", args.seconds, run=in_host)
                 if probe is not None:
                     lost[config] += probe.finish().lost
@@ -236,8 +243,8 @@ def lab_dns_ratio(args, tmp: Path, bench: str) -> list[dict]:
                 rates[config].append(per_s)
                 print(f"lab-dns round {r} {config:8} {per_s:10.0f} lookups/s", file=sys.stderr)
             # each probed run against the mean of its two neighbouring bare runs
-            ratios["summary"].append(got[1] / ((got[0] + got[2]) / 2))
-            ratios["events"].append(got[3] / ((got[2] + got[4]) / 2))
+            for i, config in enumerate(probed):
+                ratios[config].append(got[2 * i + 1] / ((got[2 * i] + got[2 * i + 2]) / 2))
     finally:
         lifecycle.down(home)
     return [{"backend": "bpftrace" if c != "bare" else "-", "mode": c, "name": "db.lab (lab DNS)",
