@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fleet import capture_format, store
+from fleet import capture_format
 from fleet.errors import InputError, UsageError
 from fleet.store import STATUSES, Run
 
@@ -386,7 +386,7 @@ def read_scan(run: Run, host: str) -> tuple[dict[str, pd.DataFrame], str | None]
     """A host's scan (``raw/HOST.scan.json``) as the :data:`SCAN_SCHEMAS` tables, and a note: None when it was
     read whole, else one line saying why it is missing, unreadable or incomplete (never raised). Malformed
     entries are skipped; text fields are escaped like names."""
-    path = run.raw_dir / f"{store.check_host_name(host)}.scan.json"
+    path = run.scan_file(host)
     empty = {t: _scan_frame(t, []) for t in SCAN_SCHEMAS}
     try:
         scan = json.loads(path.read_bytes())

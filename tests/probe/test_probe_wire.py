@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -18,17 +17,11 @@ from pathlib import Path
 import pytest
 
 from fleet.probes import render
+from tests.captures import dns_query
 from tests.probe.conftest import needs_probe
 from tests.probe.test_probe_local import Probe
 
 pytestmark = [needs_probe, pytest.mark.skipif(shutil.which("ip") is None, reason="needs ip (iproute2)")]
-
-
-def query(name: bytes, qtype: int = 1, qid: int = 0x1234) -> bytes:
-    """A DNS query packet for ``name`` (labels split at dots, so a test passes the labels it wants)."""
-    labels = name.split(b".")
-    return (struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
-            + b"".join(bytes([len(label)]) + label for label in labels) + b"\0" + struct.pack(">HH", qtype, 1))
 
 
 @pytest.fixture
@@ -59,27 +52,26 @@ def run_in(ns: str, *argv: str) -> int:
     return proc.pid
 
 
+#: sends the query packets of argv[1] (eval'd: sendto, sendmsg, other port, send6, write6, then sendto each)
 SENDER = r"""
-import os, socket, struct, sys
-def query(name, qtype=1, qid=0x1234):
-    return (struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
-            + b"".join(bytes([len(l)]) + l for l in name.split(b".")) + b"\0" + struct.pack(">HH", qtype, 1))
+import os, socket, sys
+to, msg, other, send6, write6, *more = eval(sys.argv[1])
 def attempt(f, *a):
     try:
         f(*a)
     except OSError:
         pass   # ECONNREFUSED from the previous query's ICMP: the packet left anyway
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-attempt(u.sendto, query(b"sendto.fleetdns.test"), ("127.0.0.1", 53))
-attempt(u.sendmsg, [query(b"sendmsg.fleetdns.test", 28)], [], 0, ("127.0.0.1", 53))
-attempt(u.sendto, query(b"other-port.fleetdns.test"), ("127.0.0.1", 5353))
+attempt(u.sendto, to, ("127.0.0.1", 53))
+attempt(u.sendmsg, [msg], [], 0, ("127.0.0.1", 53))
+attempt(u.sendto, other, ("127.0.0.1", 5353))
 c = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 c.connect(("::1", 53))
-attempt(c.send, query(b"send6.fleetdns.test", 28))
-attempt(os.write, c.fileno(), query(b"write6.fleetdns.test", 12))
+attempt(c.send, send6)
+attempt(os.write, c.fileno(), write6)
 c.close()
-for name in eval(sys.argv[1]):
-    attempt(u.sendto, query(name), ("127.0.0.1", 53))
+for packet in more:
+    attempt(u.sendto, packet, ("127.0.0.1", 53))
 try:
     socket.getaddrinfo("gai.fleetdns.test", None)
 except OSError:
@@ -91,12 +83,20 @@ HOSTILE = [b"new\nline.fleetdns.test", b"=cmd|calc.fleetdns.test", b"\xff\xfe\x8
            b"sp ace.fleetdns.test", b"a" * 63 + b"." + b"b" * 63 + b"." + b"c" * 63 + b"." + b"d" * 50]
 
 
+def packets(hostile: list[bytes]) -> str:
+    """SENDER's argument: its fixed queries, then one query per name of *hostile*."""
+    fixed = [dns_query(b"sendto.fleetdns.test"), dns_query(b"sendmsg.fleetdns.test", 28),
+             dns_query(b"other-port.fleetdns.test"), dns_query(b"send6.fleetdns.test", 28),
+             dns_query(b"write6.fleetdns.test", 12)]
+    return repr(fixed + [dns_query(name) for name in hostile])
+
+
 def test_wire_sees_each_send_syscall_exactly_and_only_in_its_namespace(tmp_path, netns):
     ns, inode = netns()
     other, _ = netns()
     probe = Probe(render.ProbeOptions(sources=("libc", "wire"), wire_netns=inode), tmp_path / "w.capture")
-    pid = run_in(ns, sys.executable, "-c", SENDER, repr(HOSTILE))
-    run_in(other, sys.executable, "-c", SENDER, "[]")  # outside the probe's scope: not seen
+    pid = run_in(ns, sys.executable, "-c", SENDER, packets(HOSTILE))
+    run_in(other, sys.executable, "-c", SENDER, packets([]))  # outside the probe's scope: not seen
     cap = probe.finish()
     assert cap.lost == 0 and cap.damage == {}
     assert cap.header["sources"] == ["libc", "wire"] and cap.header["wire_scope"] == f"netns:{inode}"
